@@ -1,0 +1,216 @@
+"""Typed configs: model parts, data, stages and training. Loaded from YAML or dicts, validated.
+
+A config file has four sections, each a dataclass below:
+
+    model:   {encoder: ..., connector: ..., llm: ..., template: ...}
+    stages:  [{name, train: {component: mode}, data: {...}, lr, ...}, ...]
+    train:   {output_dir, mixed_precision, ...}
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("frozen", "full")
+COMPONENTS = ("encoder", "connector", "llm")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class EncoderConfig:
+    """A vision encoder: a registered kind plus a hub id / local dir, or a config for random weights."""
+
+    name: str = "clip"
+    """Registry key: clip | siglip2 | dinov2 | internvit."""
+    path: str | None = None
+    """Hub id or local directory (save_pretrained layout). None: random weights from `config`."""
+    config: dict[str, Any] | None = None
+    """transformers config kwargs used when `path` is None (or to override a loaded config)."""
+    feature_layer: int = -2
+    """Index into hidden_states; -2 is LLaVA-1.5's second-to-last layer."""
+    image_aspect: str = "pad"
+    """pad: pad to a square with the mean colour (LLaVA-1.5); resize: stretch to the square."""
+    image_size: int | None = None
+    """Input resolution; None: the encoder's own (position embeddings are interpolated otherwise)."""
+    image_mean: list[float] | None = None
+    """Normalisation; None: the checkpoint's preprocessor_config.json, else the family's default."""
+    image_std: list[float] | None = None
+
+    def __post_init__(self):
+        if self.path is None and self.config is None:
+            raise ConfigError("encoder: give `path` (hub id or local dir) or `config` (random weights)")
+        if self.image_aspect not in ("pad", "resize"):
+            raise ConfigError(f"encoder.image_aspect must be pad or resize, got {self.image_aspect!r}")
+
+
+@dataclass
+class ConnectorConfig:
+    name: str = "mlp2x_gelu"
+    """Registry key of a connector in the `connectors` package."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the connector's constructor."""
+
+
+@dataclass
+class LLMConfig:
+    path: str | None = None
+    """Hub id or local directory of an AutoModelForCausalLM. None: random weights from `config`."""
+    config: dict[str, Any] | None = None
+    """transformers config kwargs (with `model_type`) used when `path` is None."""
+    tokenizer: str | None = None
+    """Tokenizer path; defaults to `path`."""
+    image_token: str = "<image>"
+    """Placeholder token added once to the tokenizer."""
+    attn_implementation: str | None = None
+
+    def __post_init__(self):
+        if self.path is None and self.config is None:
+            raise ConfigError("llm: give `path` (hub id or local dir) or `config` (random weights)")
+        if self.path is None and self.tokenizer is None:
+            raise ConfigError("llm: a random LLM needs `tokenizer` (a local dir or hub id)")
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig | None = None
+    template: str = "vicuna_v1"
+    """Chat template for inference and default for training: a registered name or `tokenizer`."""
+
+    def __post_init__(self):
+        if self.llm is None:
+            raise ConfigError("model.llm is required")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """LLaVA-format JSON file, a folder of them, or an HF dataset (`hf:name[:split]` or a saved dataset dir)."""
+    image_folder: str = ""
+    """Images are resolved relative to this folder (default: the JSON's folder)."""
+    template: str | None = None
+    """Overrides model.template for this stage (e.g. `plain` for caption pre-training)."""
+    max_length: int = 2048
+    on_bad_sample: str = "error"
+    """error: stop with the sample named; skip: leave it out, counted and listed in the metrics."""
+    num_workers: int = 2
+
+    def __post_init__(self):
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_sample must be error or skip, got {self.on_bad_sample!r}")
+
+
+@dataclass
+class StageConfig:
+    name: str
+    train: dict[str, str]
+    """component -> mode. Components not named are frozen."""
+    data: DataConfig
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = 0
+    """Optimizer steps; >0 overrides `epochs`."""
+    global_batch_size: int = 128
+    per_device_batch_size: int = 16
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        for comp, mode in self.train.items():
+            if comp not in COMPONENTS:
+                raise ConfigError(f"stage {self.name!r}: unknown component {comp!r}; known: {', '.join(COMPONENTS)}")
+            if mode not in MODES:
+                raise ConfigError(f"stage {self.name!r}: {comp} mode {mode!r}; known: {', '.join(MODES)}")
+        if not any(m != "frozen" for m in self.train.values()):
+            raise ConfigError(f"stage {self.name!r} trains nothing")
+        if self.global_batch_size % self.per_device_batch_size:
+            raise ConfigError(f"stage {self.name!r}: global_batch_size {self.global_batch_size} is not a "
+                              f"multiple of per_device_batch_size {self.per_device_batch_size}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/vlmkit"
+    mixed_precision: str = "no"
+    """no | bf16 | fp16 (passed to accelerate)."""
+    seed: int = 0
+    log_with: str | None = "tensorboard"
+    log_every: int = 10
+    save_steps: int = 0
+    """Save a checkpoint every N optimizer steps (0: only at the end of each stage)."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    stages: list[StageConfig]
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique: {names}")
+
+
+def from_dict(cls, data: Any, where: str = ""):
+    """Build a (nested) dataclass from plain data, refusing unknown keys with the path to them."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _convert(tp, value, where):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        return [from_dict(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        if value is None:
+            return None
+        if len(inner) == 1:
+            return _convert(inner[0], value, where)
+    if tp is float and isinstance(value, (int, str)):
+        return float(value)
+    return value
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,183 @@
+"""Conversations -> token ids and labels, built by construction.
+
+A template turns messages into segments `(text, trained)`. Each segment is tokenized on its
+own and the labels copy the ids of trained segments (assistant answers and their end marker),
+-100 elsewhere. No re-tokenization, no counting afterwards: the ids fed to the model are the
+ids the labels were made from. Each `<image>` in a segment becomes exactly the number of
+placeholder ids the model will fill with features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import TEMPLATES
+
+IGNORE = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class SampleError(ValueError):
+    """A sample that cannot be trained on; the message names the sample and what is wrong."""
+
+
+def normalize(conversations: list[dict]) -> list[dict]:
+    """LLaVA `{"from", "value"}` or chat `{"role", "content"}` turns -> `{"role", "content"}`."""
+    out = []
+    for i, turn in enumerate(conversations):
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in ROLES or not isinstance(content, str):
+            raise SampleError(f"turn {i}: expected from/value (or role/content) with a known role, got {turn!r}")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+@dataclass(frozen=True)
+class Template:
+    """A fixed-format chat template: [system][sep] then per turn `role: text` with separators."""
+
+    name: str
+    system: str = ""
+    user: str = "USER: "
+    assistant: str = "ASSISTANT:"
+    answer_prefix: str = " "
+    sep: str = " "
+    end: str = "</s>"
+    add_bos: bool = True
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool, tokenizer=None):
+        """Yield (text, trained) pieces of the conversation."""
+        system = self.system
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        buf = system + self.sep if system else ""
+        for m in messages:
+            if m["role"] == "user":
+                buf += self.user + m["content"] + self.sep + self.assistant
+            elif m["role"] == "assistant":
+                yield buf, False
+                buf = ""
+                yield self.answer_prefix + m["content"] + self.end, True
+            else:
+                raise SampleError(f"a {m['role']} turn in the middle of the conversation")
+        if buf and add_generation_prompt:
+            yield buf, False
+
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES.register("vicuna_v1")(Template("vicuna_v1", system=VICUNA_SYSTEM))
+
+
+@dataclass(frozen=True)
+class PlainTemplate:
+    """LLaVA's stage-1 caption format: the image, then the caption trained, then a newline."""
+
+    name: str = "plain"
+    add_bos: bool = True
+
+    def segments(self, messages, add_generation_prompt, tokenizer=None):
+        users = [m for m in messages if m["role"] == "user"]
+        answers = [m for m in messages if m["role"] == "assistant"]
+        if not users:
+            raise SampleError("plain template: no human turn")
+        images = "".join("<image>" for _ in range(users[0]["content"].count("<image>")))
+        yield images, False
+        if answers:
+            yield answers[0]["content"] + "\n", True
+
+
+TEMPLATES.register("plain")(PlainTemplate())
+
+
+@dataclass(frozen=True)
+class TokenizerTemplate:
+    """The tokenizer's own `chat_template`, split into segments by rendering growing prefixes.
+
+    The text of assistant turn i is the difference between the rendering of messages[:i+1] and
+    that of messages[:i] with the generation prompt; a template that rewrites earlier turns
+    (so that a prefix is not a prefix) is refused with a clear error.
+    """
+
+    name: str = "tokenizer"
+    add_bos: bool = False  # chat templates write their own BOS
+
+    def segments(self, messages, add_generation_prompt, tokenizer=None):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
+
+        def render(ms, gen):
+            return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = render(messages[:i], True)
+            full = render(messages[: i + 1], False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise ValueError("the tokenizer's chat_template does not render conversations as growing prefixes; "
+                                 "use a named template instead")
+            yield prompt[len(done):], False
+            yield full[len(prompt):], True
+            done = full
+        if add_generation_prompt and (not messages or messages[-1]["role"] != "assistant"):
+            prompt = render(messages, True)
+            yield prompt[len(done):], False
+
+
+TEMPLATES.register("tokenizer")(TokenizerTemplate())
+
+
+def get_template(name: str):
+    return TEMPLATES.get(name)
+
+
+def encode(messages: list[dict], tokenizer, template, image_token: str, image_token_id: int,
+           tokens_per_image: list[int], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation; each `<image>` expands to its placeholder count.
+
+    `tokens_per_image[k]` is the number of placeholders for the k-th image (from the one
+    function that counts image tokens). Raises SampleError when the `<image>` count differs
+    from the number of images, or nothing is trained (unless generating).
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    if template.add_bos and tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE)
+    k = 0
+    for text, trained in template.segments(messages, add_generation_prompt, tokenizer):
+        parts = text.split(image_token)
+        for j, part in enumerate(parts):
+            if j:
+                if trained:
+                    raise SampleError("an <image> in an assistant turn")
+                if k >= len(tokens_per_image):
+                    raise SampleError(f"more <image> placeholders than images ({len(tokens_per_image)})")
+                ids.extend([image_token_id] * tokens_per_image[k])
+                labels.extend([IGNORE] * tokens_per_image[k])
+                k += 1
+            if part:
+                piece = tokenizer(part, add_special_tokens=False)["input_ids"]
+                ids.extend(piece)
+                labels.extend(piece if trained else [IGNORE] * len(piece))
+    if k != len(tokens_per_image):
+        raise SampleError(f"{k} <image> placeholder(s) in the text but {len(tokens_per_image)} image(s)")
+    if not add_generation_prompt and all(x == IGNORE for x in labels):
+        raise SampleError("no assistant turn to train on")
+    return ids, labels
+
+
+def truncate(ids: list[int], labels: list[int], max_length: int, image_token_id: int):
+    """Cut to max_length, never through image tokens; a sample left with no trained token is an error."""
+    if len(ids) <= max_length:
+        return ids, labels
+    last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
+    if last_image >= max_length:
+        raise SampleError(f"{len(ids)} tokens with image tokens up to position {last_image}: "
+                          f"too long to keep its image(s) within max_length {max_length}")
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == IGNORE for x in labels):
+        raise SampleError(f"no trained token left after truncation to max_length {max_length}")
+    return ids, labels

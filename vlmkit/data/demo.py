@@ -1,0 +1,124 @@
+"""The embedded demo: a procedural visual-question task, a tokenizer and tiny models, all built offline.
+
+Images are small canvases with 1-3 coloured shapes, each in its own quadrant. Every question is
+answerable from the picture alone (a shape is asked about only when the question singles it out),
+and every question type appears in the held-out eval split. Written as LLaVA-format JSON + PNGs.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four")
+BACKGROUND = (255, 255, 255)
+QUESTION_TYPES = ("count", "color", "shape", "position", "what")
+
+
+def draw_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[dict]]:
+    im = Image.new("RGB", (size, size), BACKGROUND)
+    d = ImageDraw.Draw(im)
+    half = size // 2
+    n = rng.randint(1, 3)
+    objs = []
+    for q in rng.sample(range(4), n):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        s = rng.randint(int(half * 0.55), int(half * 0.8))
+        x0 = (q % 2) * half + rng.randint(1, half - s - 1)
+        y0 = (q // 2) * half + rng.randint(1, half - s - 1)
+        box = (x0, y0, x0 + s, y0 + s)
+        if shape == "circle":
+            d.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            d.rectangle(box, fill=COLORS[color])
+        else:
+            d.polygon([(x0 + s / 2, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=COLORS[color])
+        objs.append({"color": color, "shape": shape, "where": QUADRANTS[q]})
+    return im, objs
+
+
+def questions(objs: list[dict]) -> list[tuple[str, str, str]]:
+    """(type, question, answer) for every question the scene answers unambiguously."""
+    qs = [("count", "How many shapes are there?", NUMBERS[len(objs)])]
+    for o in objs:
+        if sum(p["shape"] == o["shape"] for p in objs) == 1:
+            qs.append(("color", f"What color is the {o['shape']}?", o["color"]))
+        if sum(p["color"] == o["color"] for p in objs) == 1:
+            qs.append(("shape", f"What shape is the {o['color']} one?", o["shape"]))
+        if sum(p["color"] == o["color"] and p["shape"] == o["shape"] for p in objs) == 1:
+            qs.append(("position", f"Where is the {o['color']} {o['shape']}?", o["where"]))
+        qs.append(("what", f"What is in the {o['where']}?", f"{o['color']} {o['shape']}"))
+    return qs
+
+
+def caption(objs: list[dict]) -> str:
+    return " and ".join(f"a {o['color']} {o['shape']} in the {o['where']}" for o in objs) + "."
+
+
+def make_demo_data(out_dir: str | Path, n_train: int = 3000, n_eval: int = 150, size: int = 48,
+                   seed: int = 0) -> dict:
+    """Write images/, captions.json (stage 1), train.json (stage 2, every question of an image in
+    one conversation) and eval.json (one question per sample, each type for each eval image)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    captions, train, evals = [], [], []
+    for i in range(n_train + n_eval):
+        im, objs = draw_scene(rng, size)
+        name = f"images/{i:06d}.png"
+        im.save(out / name)
+        qs = questions(objs)
+        if i < n_train:
+            captions.append({"id": f"cap{i}", "image": name, "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image."},
+                {"from": "gpt", "value": caption(objs)}]})
+            rng.shuffle(qs)
+            conv = []
+            for k, (_, q, a) in enumerate(qs):
+                conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+            train.append({"id": f"qa{i}", "image": name, "conversations": conv})
+        else:
+            by_type = {}
+            for t, q, a in qs:
+                by_type.setdefault(t, []).append((q, a))
+            for t in sorted(by_type):
+                q, a = rng.choice(by_type[t])
+                evals.append({"id": f"ev{i}-{t}", "type": t, "image": name, "conversations": [
+                    {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+    paths = {"captions": out / "captions.json", "train": out / "train.json", "eval": out / "eval.json"}
+    for key, data in (("captions", captions), ("train", train), ("eval", evals)):
+        with open(paths[key], "w") as f:
+            json.dump(data, f)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def corpus(path_list: list[str]) -> list[str]:
+    texts = []
+    for p in path_list:
+        for rec in json.load(open(p)):
+            texts += [t["value"] for t in rec["conversations"]]
+    return texts
+
+
+def train_tokenizer(texts: list[str], out_dir: str | Path, extra: list[str] = ()) -> str:
+    """A word-level tokenizer trained in-process on the demo's texts and template words; saved with
+    save_pretrained, so the model loads it through the same path as a hub tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .conversation import VICUNA_SYSTEM
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    trainer = trainers.WordLevelTrainer(special_tokens=specials)
+    tok.train_from_iterator(list(texts) + [VICUNA_SYSTEM, "USER: ASSISTANT:"] + list(extra), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(str(out_dir))
+    return str(out_dir)

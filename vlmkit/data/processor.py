@@ -1,0 +1,68 @@
+"""The data side of a model: images -> pixels, conversations -> ids and labels, placeholders counted once.
+
+A Processor is built from a model (`VLM.processor()`) or from a saved model dir, and holds no
+weights, so it travels to data-loader workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .conversation import encode, get_template, normalize, truncate
+from .images import ImageTransform
+
+
+@dataclass
+class Processor:
+    tokenizer: object
+    transform: ImageTransform
+    image_token: str
+    image_token_id: int
+    count_image_tokens: Callable[[int, int], int]
+    """(width, height) of an image -> its placeholder count: the one counting function the model uses too."""
+    template: str = "vicuna_v1"
+
+    def __call__(self, conversations: list[dict], images: list[Image.Image], template: str | None = None,
+                 max_length: int | None = None, add_generation_prompt: bool = False) -> dict:
+        messages = normalize(conversations)
+        counts = [self.count_image_tokens(*im.size) for im in images]
+        ids, labels = encode(messages, self.tokenizer, get_template(template or self.template), self.image_token,
+                             self.image_token_id, counts, add_generation_prompt)
+        if max_length:
+            ids, labels = truncate(ids, labels, max_length, self.image_token_id)
+        size = self.transform.size
+        pixels = torch.stack([self.transform(im) for im in images]) if images else torch.zeros(0, 3, size, size)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
+
+
+def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
+    """Pad ids (pad_id) and labels (-100) to the longest sample; stack all images in sample order.
+
+    Samples that a dataset skipped (`{"skipped": ...}`) are left out and listed under `skipped`.
+    """
+    kept = [s for s in samples if "skipped" not in s]
+    skipped = [s["skipped"] for s in samples if "skipped" in s]
+    if not kept:
+        return {"skipped": skipped}
+    T = max(len(s["input_ids"]) for s in kept)
+    B = len(kept)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for r, s in enumerate(kept):
+        n = len(s["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(T - n, T)
+        ids[r, sl] = s["input_ids"]
+        labels[r, sl] = s["labels"]
+        mask[r, sl] = 1
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "pixel_values": torch.cat([s["pixel_values"] for s in kept]),  # [N_images, 3, H, W]
+        "ids": [s.get("id") for s in kept],
+        "skipped": skipped,
+    }
