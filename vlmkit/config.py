@@ -142,8 +142,8 @@ class StageConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/vlmkit"
-    mixed_precision: str = "no"
-    """no | bf16 | fp16 (passed to accelerate)."""
+    mixed_precision: str | None = None
+    """no | bf16 | fp16; None: whatever `accelerate launch` / its config file says."""
     seed: int = 0
     log_with: str | None = "tensorboard"
     log_every: int = 10

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
@@ -117,7 +117,7 @@ class VLM(nn.Module):
             )
             with open(tmp / CONFIG_NAME, "w") as f:
                 json.dump({"vlmkit_version": __version__, "model": to_dict(cfg)}, f, indent=2)
-            save_model(self, str(tmp / WEIGHTS_NAME))
+            save_file(self._state_to_save(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             self.tokenizer.save_pretrained(str(tmp))
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
@@ -133,6 +133,16 @@ class VLM(nn.Module):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _state_to_save(self) -> dict[str, torch.Tensor]:
+        """All weights once: a tied target (lm_head sharing embed_tokens) is left out and re-tied on load."""
+        state = self.state_dict()
+        tied = getattr(self.llm, "_tied_weights_keys", None) or {}
+        for target, source in (tied.items() if isinstance(tied, dict) else ()):
+            t, s = state.get(f"llm.{target}"), state.get(f"llm.{source}")
+            if t is not None and s is not None and t.data_ptr() == s.data_ptr():
+                del state[f"llm.{target}"]
+        return {k: v.detach().contiguous() for k, v in state.items()}
 
     def processor(self, template: str | None = None) -> Processor:
         e = self.encoder

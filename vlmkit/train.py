@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from functools import partial
@@ -54,8 +55,12 @@ def batches_forever(loader):
 
 
 def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, log_dir: Path,
-                step_offset: int = 0, log_every: int = 10) -> dict:
-    """Train `model` for one stage of the plan on `dataset`; returns the stage's metrics."""
+                step_offset: int = 0, log_every: int = 10, save_steps: int = 0) -> dict:
+    """Train `model` for one stage of the plan on `dataset`; returns the stage's metrics.
+
+    With `save_steps`, the model is saved every that many optimizer steps under
+    log_dir/checkpoints/<stage>/checkpoint-<step>/ (safetensors + config + tokenizer), the last two kept.
+    """
     raw = accelerator.unwrap_model(model)
     rows = apply_stage(raw, stage.train)
     accelerator.print(format_table(rows, f"\n== stage {stage.name}: lr {stage.lr:g}, "
@@ -132,6 +137,8 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"stage": stage.name, "step": step, **last}) + "\n")
+        if save_steps and step % save_steps == 0 and step < total:
+            save_checkpoint(accelerator, model, log_dir / "checkpoints" / stage.name / f"checkpoint-{step}", keep=2)
     bar.close()
     dt = time.perf_counter() - t0
     accelerator.wait_for_everyone()
@@ -140,6 +147,17 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     return {"stage": stage.name, "steps": total, "samples": seen, "seconds": round(dt, 2),
             "train_samples_per_second": seen / dt, "train_tokens_per_second": tokens / dt,
             "final_loss": last.get("loss"), "skipped": skipped}
+
+
+def save_checkpoint(accelerator: Accelerator, model, path: Path, keep: int = 2) -> None:
+    """Save the model (written to a temporary folder, then renamed); keep the newest `keep` checkpoints."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path)
+        ckpts = sorted(path.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
 
 def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu: bool = False) -> tuple:
@@ -164,7 +182,8 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
         data = stage.data
         dataset = ConversationDataset(data.path, raw.processor(), data.image_folder, data.template,
                                       data.max_length, data.on_bad_sample)
-        m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every)
+        m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every,
+                        cfg.train.save_steps)
         model = accelerator.unwrap_model(model)
         step_offset += m["steps"]
         if m["skipped"]:
