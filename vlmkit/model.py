@@ -215,4 +215,8 @@ class VLM(nn.Module):
                                  max_new_tokens=max_new_tokens, **kwargs)
 
     def enable_gradient_checkpointing(self) -> None:
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x names it activation_checkpointing_enable; older 5.x gradient_checkpointing_enable
+        if hasattr(self.llm, "activation_checkpointing_enable"):
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
