@@ -44,6 +44,19 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return groups + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
 
 
+def micro_batching(global_batch: int, per_device: int, world: int, stage: str = "") -> tuple[int, int]:
+    """(micro-batch per device, accumulation steps) that make up exactly `global_batch`.
+
+    `per_device` is the largest micro-batch; on more processes than the global batch needs at that
+    size, the micro-batch shrinks (e.g. global 32, per-device 32, 2 processes -> 16 x 2 x 1).
+    """
+    micro = min(per_device, global_batch // world) if world else per_device
+    if micro < 1 or global_batch % (micro * world):
+        raise ValueError(f"stage {stage}: global_batch_size {global_batch} cannot be split into "
+                         f"per-device micro-batches of at most {per_device} over {world} process(es)")
+    return micro, global_batch // (micro * world)
+
+
 def batches_forever(loader):
     """Cycle the loader, reshuffling (seeded) at each epoch."""
     epoch = 0
@@ -69,12 +82,11 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
         raw.enable_gradient_checkpointing()
 
     world = accelerator.num_processes
-    per_step = stage.per_device_batch_size * world
-    if stage.global_batch_size % per_step:
-        raise ValueError(f"stage {stage.name}: global_batch_size {stage.global_batch_size} is not a multiple of "
-                         f"per_device_batch_size x processes = {per_step}")
-    accum = stage.global_batch_size // per_step
-    loader = DataLoader(dataset, batch_size=stage.per_device_batch_size, shuffle=True,
+    micro, accum = micro_batching(stage.global_batch_size, stage.per_device_batch_size, world, stage.name)
+    per_step = micro * world
+    accelerator.print(f"global batch {stage.global_batch_size} = {micro} per device x {world} process(es) "
+                      f"x {accum} accumulation step(s)")
+    loader = DataLoader(dataset, batch_size=micro, shuffle=True,
                         num_workers=stage.data.num_workers, persistent_workers=stage.data.num_workers > 0,
                         collate_fn=partial(collate, pad_id=raw.tokenizer.pad_token_id))
     n_batches = math.ceil(len(dataset) / per_step)
