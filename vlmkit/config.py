@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-MODES = ("frozen", "full")
+MODES = ("frozen", "full", "lora", "partial")
 COMPONENTS = ("encoder", "connector", "llm")
+"""The parts every model has; a model may add more (e.g. `image_newline`), checked against the model."""
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,9 @@ class DataConfig:
     on_bad_sample: str = "error"
     """error: stop with the sample named; skip: leave it out, counted and listed in the metrics."""
     num_workers: int = 2
+    max_image_pixels: int | None = 178_956_970
+    """An image whose header declares more pixels is refused before decoding (a decompression bomb);
+    None or 0: no vlmkit limit (PIL's own, 2 x PIL.Image.MAX_IMAGE_PIXELS, still applies)."""
 
     def __post_init__(self):
         if self.on_bad_sample not in ("error", "skip"):
@@ -110,10 +114,42 @@ class DataConfig:
 
 
 @dataclass
+class ComponentPlan:
+    """How one component trains in a stage. In YAML either a bare mode (`llm: full`) or a mapping
+    (`llm: {mode: lora, r: 64, lr: 2e-4}`)."""
+
+    mode: str = "frozen"
+    """frozen | full | lora (peft adapters; base weights stay frozen) | partial (last `layers` blocks)."""
+    lr: float | None = None
+    """Learning rate of this component; None: the stage's `lr`."""
+    weight_decay: float | None = None
+    """None: the stage's `weight_decay`. Norm weights and biases are never decayed."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    """lora: module names (suffixes), a regex, or `all-linear` (every Linear but the output head)."""
+    layers: int = 0
+    """partial: how many of the last transformer blocks train."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.mode == "partial" and self.layers < 1:
+            raise ConfigError("mode partial needs `layers` >= 1 (the last N blocks train)")
+        if self.mode == "lora" and (self.r < 1 or self.alpha <= 0):
+            raise ConfigError(f"lora needs r >= 1 and alpha > 0, got r={self.r}, alpha={self.alpha}")
+
+    @property
+    def trains(self) -> bool:
+        return self.mode != "frozen"
+
+
+@dataclass
 class StageConfig:
     name: str
-    train: dict[str, str]
-    """component -> mode. Components not named are frozen."""
+    train: dict[str, ComponentPlan]
+    """component -> mode or ComponentPlan. Components not named are frozen."""
     data: DataConfig
     lr: float = 2e-5
     weight_decay: float = 0.0
@@ -127,16 +163,19 @@ class StageConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        for comp, mode in self.train.items():
-            if comp not in COMPONENTS:
-                raise ConfigError(f"stage {self.name!r}: unknown component {comp!r}; known: {', '.join(COMPONENTS)}")
-            if mode not in MODES:
-                raise ConfigError(f"stage {self.name!r}: {comp} mode {mode!r}; known: {', '.join(MODES)}")
-        if not any(m != "frozen" for m in self.train.values()):
+        plans = {}
+        for comp, spec in self.train.items():
+            try:
+                plans[comp] = (spec if isinstance(spec, ComponentPlan) else
+                               ComponentPlan(mode=spec) if isinstance(spec, str) else
+                               from_dict(ComponentPlan, spec, comp))
+            except ConfigError as e:
+                raise ConfigError(f"stage {self.name!r}: {comp}: {e}") from None
+        self.train = plans
+        if not any(p.trains for p in plans.values()):
             raise ConfigError(f"stage {self.name!r} trains nothing")
-        if self.global_batch_size % self.per_device_batch_size:
-            raise ConfigError(f"stage {self.name!r}: global_batch_size {self.global_batch_size} is not a "
-                              f"multiple of per_device_batch_size {self.per_device_batch_size}")
+        if self.global_batch_size < 1 or self.per_device_batch_size < 1:
+            raise ConfigError(f"stage {self.name!r}: batch sizes must be >= 1")
 
 
 @dataclass

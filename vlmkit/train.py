@@ -19,7 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .config import RunConfig, StageConfig, TrainConfig
 from .data.dataset import ConversationDataset
 from .data.processor import collate
-from .stages import apply_stage, format_table
+from .stages import apply_stage, format_table, param_groups, validate_plan
 
 
 def make_accelerator(cfg: TrainConfig, cpu: bool = False) -> Accelerator:
@@ -32,16 +32,6 @@ def make_accelerator(cfg: TrainConfig, cpu: bool = False) -> Accelerator:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay on weight matrices only; biases and norm weights (1-D) are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and weight_decay > 0 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}] if decay else []
-    return groups + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
 
 
 def micro_batching(global_batch: int, per_device: int, world: int, stage: str = "") -> tuple[int, int]:
@@ -75,7 +65,7 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     log_dir/checkpoints/<stage>/checkpoint-<step>/ (safetensors + config + tokenizer), the last two kept.
     """
     raw = accelerator.unwrap_model(model)
-    rows = apply_stage(raw, stage.train)
+    rows = apply_stage(raw, stage.train, stage.lr)
     accelerator.print(format_table(rows, f"\n== stage {stage.name}: lr {stage.lr:g}, "
                                          f"global batch {stage.global_batch_size} =="))
     if stage.gradient_checkpointing:
@@ -92,7 +82,7 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     n_batches = math.ceil(len(dataset) / per_step)
     total = stage.max_steps or max(1, math.ceil(stage.epochs * n_batches / accum))
 
-    opt = torch.optim.AdamW(param_groups(raw, stage.weight_decay), lr=stage.lr, betas=(0.9, 0.999),
+    opt = torch.optim.AdamW(param_groups(raw, stage), lr=stage.lr, betas=(0.9, 0.999),
                             fused=accelerator.device.type == "cuda")
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(stage.warmup_ratio * total), total)
     accelerator.gradient_accumulation_steps = accum
@@ -187,13 +177,15 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     if cfg.train.log_with:
         accelerator.init_trackers("vlmkit")
     model = model if model is not None else VLM.from_config(cfg.model)
+    for stage in cfg.stages:  # every plan checked before any training starts
+        validate_plan(accelerator.unwrap_model(model), stage)
     metrics = []
     step_offset = 0
     for stage in cfg.stages:
         raw = accelerator.unwrap_model(model)
         data = stage.data
         dataset = ConversationDataset(data.path, raw.processor(), data.image_folder, data.template,
-                                      data.max_length, data.on_bad_sample)
+                                      data.max_length, data.on_bad_sample, data.max_image_pixels)
         m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every,
                         cfg.train.save_steps)
         model = accelerator.unwrap_model(model)
