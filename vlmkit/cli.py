@@ -3,6 +3,9 @@
     vlmkit train CONFIG.yaml                 (or: accelerate launch -m vlmkit.cli train CONFIG.yaml)
     vlmkit eval MODEL_DIR --data eval.json   accuracy against reference answers
     vlmkit chat MODEL_DIR --image cat.png --prompt "What is this?"   one-shot; without --prompt: interactive
+    vlmkit export RUN_OR_MODEL_DIR OUT_DIR   transformers-native LlavaForConditionalGeneration + processor
+    vlmkit check-data --config RUN.yaml      scan every stage's data for bad samples (exit 1 if any)
+    vlmkit check-data data.json --model MODEL_DIR --json report.json
 """
 from __future__ import annotations
 
@@ -74,6 +77,22 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_llava, resolve_model_dir
+
+    src = resolve_model_dir(args.model)
+    out = export_llava(src, args.out_dir, template=args.template)
+    print(f"exported {src} -> {out} (LlavaForConditionalGeneration; load with AutoModelForImageTextToText "
+          f"and AutoProcessor)")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from .check_data import run_cli
+
+    return run_cli(args)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vlmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -102,6 +121,30 @@ def main(argv=None) -> int:
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     c.add_argument("--top-p", type=float, default=0.9)
     c.set_defaults(fn=cmd_chat)
+
+    x = sub.add_parser("export", help="export to transformers-native Llava (AutoModelForImageTextToText)")
+    x.add_argument("model", help="a model folder, or a run folder (its model/ is used)")
+    x.add_argument("out_dir")
+    x.add_argument("--template", help="chat template to write (default: the model's)")
+    x.set_defaults(fn=cmd_export)
+
+    k = sub.add_parser("check-data", help="scan datasets for bad samples before training (exit 1 if any)")
+    k.add_argument("data", nargs="*", help="LLaVA-format JSON/JSONL files or HF datasets "
+                                           "(with --config and none given: every stage's data)")
+    src = k.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a saved model folder (tokenizer + config.json; no weights are loaded)")
+    src.add_argument("--config", help="a run config: each stage's data with its template and max_length")
+    k.add_argument("--image-folder", help="images are relative to this folder (default: the data file's)")
+    k.add_argument("--template", help="chat template (default: the stage's, else the model's)")
+    k.add_argument("--max-length", type=int, help="default: the stage's, else 2048")
+    k.add_argument("--max-image-pixels", type=int, help="refuse images whose header declares more pixels "
+                   "(default: the stage's data.max_image_pixels, else 178,956,970; 0: no limit)")
+    k.add_argument("--json", help="write the full report as JSON to this file ('-': stdout)")
+    k.add_argument("--examples", type=int, default=5, help="offending samples kept per kind")
+    k.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
+    k.add_argument("--limit", type=int, help="check only the first N samples of each dataset")
+    k.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    k.set_defaults(fn=cmd_check_data)
 
     args = ap.parse_args(argv)
     return args.fn(args)
