@@ -17,7 +17,19 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 class SampleError(ValueError):
-    """A sample that cannot be trained on; the message names the sample and what is wrong."""
+    """A sample that cannot be trained on; the message names the sample and what is wrong.
+
+    `kind` names the problem for counting (`vlmkit check-data`): invalid_sample, no_assistant_turn,
+    image_count_mismatch, image_in_assistant_turn, no_trained_token, too_long_for_images, or an
+    image problem (missing_image, corrupt_image, image_too_large).
+    """
+
+    def __init__(self, message: str, kind: str = "invalid_sample"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep `kind` across processes (data-loader workers)
+        return type(self), (str(self), self.kind)
 
 
 def normalize(conversations: list[dict]) -> list[dict]:
@@ -141,6 +153,10 @@ def encode(messages: list[dict], tokenizer, template, image_token: str, image_to
     function that counts image tokens). Raises SampleError when the `<image>` count differs
     from the number of images, or nothing is trained (unless generating).
     """
+    if not add_generation_prompt and not any(m["role"] == "assistant" for m in messages):
+        # checked first: templates drop a trailing prompt, which would otherwise surface as an
+        # image-count mismatch for its <image>
+        raise SampleError("no assistant turn to train on", "no_assistant_turn")
     ids: list[int] = []
     labels: list[int] = []
     if template.add_bos and tokenizer.bos_token_id is not None:
@@ -152,9 +168,10 @@ def encode(messages: list[dict], tokenizer, template, image_token: str, image_to
         for j, part in enumerate(parts):
             if j:
                 if trained:
-                    raise SampleError("an <image> in an assistant turn")
+                    raise SampleError("an <image> in an assistant turn", "image_in_assistant_turn")
                 if k >= len(tokens_per_image):
-                    raise SampleError(f"more <image> placeholders than images ({len(tokens_per_image)})")
+                    raise SampleError(f"more <image> placeholders than images ({len(tokens_per_image)})",
+                                      "image_count_mismatch")
                 ids.extend([image_token_id] * tokens_per_image[k])
                 labels.extend([IGNORE] * tokens_per_image[k])
                 k += 1
@@ -163,9 +180,10 @@ def encode(messages: list[dict], tokenizer, template, image_token: str, image_to
                 ids.extend(piece)
                 labels.extend(piece if trained else [IGNORE] * len(piece))
     if k != len(tokens_per_image):
-        raise SampleError(f"{k} <image> placeholder(s) in the text but {len(tokens_per_image)} image(s)")
+        raise SampleError(f"{k} <image> placeholder(s) in the text but {len(tokens_per_image)} image(s)",
+                          "image_count_mismatch")
     if not add_generation_prompt and all(x == IGNORE for x in labels):
-        raise SampleError("no assistant turn to train on")
+        raise SampleError("no assistant turn to train on (the answers tokenize to nothing)", "no_trained_token")
     return ids, labels
 
 
@@ -176,8 +194,8 @@ def truncate(ids: list[int], labels: list[int], max_length: int, image_token_id:
     last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
     if last_image >= max_length:
         raise SampleError(f"{len(ids)} tokens with image tokens up to position {last_image}: "
-                          f"too long to keep its image(s) within max_length {max_length}")
+                          f"too long to keep its image(s) within max_length {max_length}", "too_long_for_images")
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE for x in labels):
-        raise SampleError(f"no trained token left after truncation to max_length {max_length}")
+        raise SampleError(f"no trained token left after truncation to max_length {max_length}", "no_trained_token")
     return ids, labels
