@@ -61,7 +61,8 @@ def cmd_chat(args) -> int:
         p = proc(history, images, add_generation_prompt=True)
         streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
         with torch.no_grad():
-            out = model.generate(p["input_ids"][None], None, p["pixel_values"], streamer=streamer, **gen)
+            out = model.generate(p["input_ids"][None], None, p["pixel_values"], image_sizes=p["image_sizes"],
+                                 tiles_per_image=p["tiles_per_image"], streamer=streamer, **gen)
         reply = model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": reply})
         return reply

@@ -79,6 +79,66 @@ class LLMConfig:
             raise ConfigError("llm: a random LLM needs `tokenizer` (a local dir or hub id)")
 
 
+TILING_MODES = ("none", "anyres", "internvl")
+LLAVA_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+"""LLaVA-NeXT's AnyRes canvases in tiles, (rows, cols): x 336 px they are its image_grid_pinpoints."""
+
+
+@dataclass
+class TilingConfig:
+    """High-resolution input: how one image becomes several encoder tiles. Saved with the model.
+
+    none: one tile per image (the encoder's square input; LLaVA-1.5). anyres: LLaVA-NeXT (a base
+    tile first, then the best-fitting canvas cut row-major; with `unpad` the padding is cropped from
+    the features and a learned `image_newline` ends each feature row). internvl: InternVL dynamic
+    tiling (row-major tiles of the closest-aspect grid, then a thumbnail).
+    """
+
+    mode: str = "none"
+    """none | anyres | internvl."""
+    grid_pinpoints: str | list[list[int]] | None = None
+    """anyres canvases: a range "(1x1),...,(3x3)" in tiles (rows x cols), a list of [height, width] pixel
+    pairs (transformers' image_grid_pinpoints; multiples of the tile), or None: LLaVA-NeXT's 1x2, 2x1,
+    2x2, 3x1, 1x3 tiles."""
+    anyres_max: int | None = None
+    """anyres: N of LLaVA-OneVision's anyres_max_N (the unpadded feature grid is downscaled to about
+    N tiles' worth of tokens); None: no limit. Needs `unpad`."""
+    unpad: bool = True
+    """anyres: crop the padding from the feature grid and end each row with `image_newline`
+    (LLaVA-NeXT's spatial_unpad); false: all tile tokens, no newline (spatial)."""
+    min_tiles: int = 1
+    """internvl: bounds on the tile grid (cols x rows)."""
+    max_tiles: int = 12
+    """internvl: per sample; with n images each gets max(1, max_tiles // n)."""
+    thumbnail: bool = True
+    """internvl: add the whole image as a last tile when there is more than one tile."""
+
+    def __post_init__(self):
+        if self.mode not in TILING_MODES:
+            raise ConfigError(f"tiling.mode must be one of {', '.join(TILING_MODES)}, got {self.mode!r}")
+        for key in ("unpad", "thumbnail"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"tiling.{key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("min_tiles", "max_tiles"):
+            if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
+                raise ConfigError(f"tiling.{key} must be an integer, got {getattr(self, key)!r}")
+        if self.mode == "anyres":
+            from .tiling import parse_grid_pinpoints
+
+            try:
+                if self.grid_pinpoints is not None:
+                    parse_grid_pinpoints(self.grid_pinpoints, 1)
+            except (ValueError, SyntaxError, TypeError) as e:
+                raise ConfigError(f"tiling.grid_pinpoints {self.grid_pinpoints!r}: {e}") from None
+            if self.anyres_max is not None:
+                if not isinstance(self.anyres_max, int) or isinstance(self.anyres_max, bool) or self.anyres_max < 1:
+                    raise ConfigError(f"tiling.anyres_max must be a positive integer or null, got {self.anyres_max!r}")
+                if not self.unpad:
+                    raise ConfigError("tiling.anyres_max needs unpad: true (LLaVA-OneVision downscales the unpadded grid)")
+        if self.mode == "internvl" and not 1 <= self.min_tiles <= self.max_tiles:
+            raise ConfigError(f"tiling: need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+
+
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig
@@ -86,10 +146,14 @@ class ModelConfig:
     llm: LLMConfig | None = None
     template: str = "vicuna_v1"
     """Chat template for inference and default for training: a registered name or `tokenizer`."""
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    """High-resolution tiling (none by default: one encoder tile per image)."""
 
     def __post_init__(self):
         if self.llm is None:
             raise ConfigError("model.llm is required")
+        if isinstance(self.tiling, dict):
+            self.tiling = from_dict(TilingConfig, self.tiling, "model.tiling")
 
 
 @dataclass

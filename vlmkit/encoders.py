@@ -83,6 +83,34 @@ def _read_processor_stats(path: str):
     return None
 
 
+@dataclass(frozen=True)
+class EncoderGeometry:
+    """What the data side needs from an encoder; known from its config alone, without weights."""
+
+    image_size: int
+    patch_size: int
+    native_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, cols) of one image."""
+        g = self.image_size // self.patch_size
+        return g, g
+
+
+def geometry(kind: str, cfg: PretrainedConfig, image_size: int | None = None, mean=None, std=None) -> EncoderGeometry:
+    """Input size, patch size and normalisation of a `kind` encoder with transformers config `cfg`."""
+    spec: EncoderSpec = ENCODERS.get(kind)
+    patch_size = _pair(cfg.patch_size)[0]
+    native_size = (spec.default_image_size or _image_size)(cfg)
+    size = int(image_size or native_size)
+    if size % patch_size:
+        raise ValueError(f"image_size {size} is not a multiple of patch size {patch_size}")
+    return EncoderGeometry(size, patch_size, native_size, tuple(mean or spec.mean), tuple(std or spec.std))
+
+
 class VisionEncoder(nn.Module):
     """A transformers vision model plus the facts vlmkit needs: feature layer, prefix tokens, grid."""
 
@@ -97,14 +125,10 @@ class VisionEncoder(nn.Module):
         n_layers = cfg.num_hidden_layers
         if not -(n_layers + 1) <= feature_layer <= n_layers:
             raise ValueError(f"feature_layer {feature_layer} out of range for {n_layers} layers")
-        self.patch_size = _pair(cfg.patch_size)[0]
-        self.native_size = (spec.default_image_size or _image_size)(cfg)
-        self.image_size = int(image_size or self.native_size)
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch size {self.patch_size}")
+        geo = geometry(kind, cfg, image_size, mean, std)
+        self.patch_size, self.native_size, self.image_size = geo.patch_size, geo.native_size, geo.image_size
         self.num_prefix_tokens = spec.prefix_tokens(cfg)
-        self.mean = tuple(mean or spec.mean)
-        self.std = tuple(std or spec.std)
+        self.mean, self.std = geo.mean, geo.std
 
     @property
     def out_dim(self) -> int:
@@ -151,19 +175,29 @@ def _config_from_dict(d: dict, default_type: str) -> PretrainedConfig:
     return AutoConfig.for_model(d.pop("model_type", default_type), **d)
 
 
-def build_encoder(cfg: EncoderConfig) -> VisionEncoder:
-    """From a hub id / local dir (`cfg.path`) or from a config with random weights."""
-    spec: EncoderSpec = ENCODERS.get(cfg.name)
-    stats = None
+def encoder_hf_config(cfg: EncoderConfig) -> PretrainedConfig:
+    """The vision model's transformers config (hub id / local dir, or the inline dict); reads no weights."""
     if cfg.path:
         hf_cfg = _vision_config(AutoConfig.from_pretrained(cfg.path))
         for k, v in (cfg.config or {}).items():
             setattr(hf_cfg, k, v)
-        model = AutoModel.from_pretrained(cfg.path, config=hf_cfg)
-        stats = _read_processor_stats(cfg.path)
-    else:
-        hf_cfg = _vision_config(_config_from_dict(cfg.config, spec.model_types[0]))
-        model = AutoModel.from_config(hf_cfg)
-    mean, std = stats if stats else (None, None)
-    return VisionEncoder(cfg.name, model, cfg.feature_layer, cfg.image_size,
-                         cfg.image_mean or mean, cfg.image_std or std)
+        return hf_cfg
+    return _vision_config(_config_from_dict(cfg.config, ENCODERS.get(cfg.name).model_types[0]))
+
+
+def _stats(cfg: EncoderConfig):
+    """image_mean / image_std: the config's, else the checkpoint's preprocessor_config.json (else None)."""
+    mean, std = (_read_processor_stats(cfg.path) if cfg.path else None) or (None, None)
+    return cfg.image_mean or mean, cfg.image_std or std
+
+
+def encoder_geometry(cfg: EncoderConfig) -> EncoderGeometry:
+    """The encoder's input geometry and normalisation from its config alone (no weights loaded)."""
+    return geometry(cfg.name, encoder_hf_config(cfg), cfg.image_size, *_stats(cfg))
+
+
+def build_encoder(cfg: EncoderConfig) -> VisionEncoder:
+    """From a hub id / local dir (`cfg.path`) or from a config with random weights."""
+    hf_cfg = encoder_hf_config(cfg)
+    model = AutoModel.from_pretrained(cfg.path, config=hf_cfg) if cfg.path else AutoModel.from_config(hf_cfg)
+    return VisionEncoder(cfg.name, model, cfg.feature_layer, cfg.image_size, *_stats(cfg))

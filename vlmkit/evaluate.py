@@ -30,8 +30,9 @@ def generate_answers(model, prompts: list[dict], batch_size: int = 64, max_new_t
     out: list[str] = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
         b = collate(prompts[i:i + batch_size], model.tokenizer.pad_token_id, padding_side="left")
+        layout = {k: b[k] for k in ("image_sizes", "images_per_sample", "tiles_per_image") if k in b}
         new = model.generate(b["input_ids"].to(device), b["attention_mask"].to(device),
-                             b["pixel_values"].to(device), max_new_tokens=max_new_tokens, **gen_kwargs)
+                             b["pixel_values"].to(device), max_new_tokens=max_new_tokens, **layout, **gen_kwargs)
         out += [t.strip() for t in model.tokenizer.batch_decode(new, skip_special_tokens=True)]
     return out
 

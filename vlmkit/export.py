@@ -51,6 +51,10 @@ def check_exportable(model) -> None:
     """Raise ValueError with the reason when `model` has no exact LlavaForConditionalGeneration equivalent."""
     enc, conn, llm = model.encoder, model.connector, model.llm
     name = model.config.connector.name
+    mode = getattr(getattr(model.config, "tiling", None), "mode", "none")
+    if mode != "none":
+        raise ValueError(f"cannot export {mode} tiling to Llava: LlavaForConditionalGeneration sees one tile per "
+                         f"image (AnyRes belongs to LlavaNextForConditionalGeneration, not exported yet)")
     vt = enc.model.config.model_type
     if enc.kind not in LLAVA_VISION_TYPES:
         raise ValueError(f"cannot export encoder {enc.kind!r} ({vt}) with connector {name!r} to Llava: "

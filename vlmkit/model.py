@@ -6,6 +6,7 @@ model.safetensors (all weights under encoder.*, connector.*, llm.*) and the toke
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from .data.conversation import IGNORE
 from .data.images import ImageTransform
 from .data.processor import Processor
 from .encoders import VisionEncoder, build_encoder, encoder_geometry
+from .highres import TileSpec
 from .llm import add_image_token, build_llm, load_tokenizer
 from .registry import CONNECTORS
 
@@ -35,20 +37,39 @@ WEIGHTS_NAME = "model.safetensors"
 class ImageTokenCounter:
     """The one place that counts placeholders: (width, height) of an image -> tokens it becomes.
 
-    Used by the data side (to expand `<image>`) and the model side (to check the merge).
-    Picklable, so data-loader workers carry it.
+    Used by the data side (to expand `<image>`) and the model side (to check the merge, per image).
+    Without tiling every image is one tile of `tokens_per_tile`; with it the count comes from the
+    TileSpec (AnyRes: tiling.anyres_num_tokens; InternVL: tiles x tokens per tile, the tile budget
+    depending on `n_images`, the number of images in the sample). Picklable, so data-loader workers carry it.
     """
 
     grid: tuple[int, int]
     connector: str
     options: tuple = ()
+    tiling: TileSpec | None = None
 
-    def __call__(self, width: int, height: int) -> int:
+    @property
+    def tokens_per_tile(self) -> int:
         return CONNECTORS.get(self.connector).num_tokens(self.grid, **dict(self.options))
 
+    def __call__(self, width: int, height: int, n_images: int = 1) -> int:
+        if self.tiling is None:
+            return self.tokens_per_tile
+        return self.tiling.num_tokens((width, height), self.tokens_per_tile, n_images)
+
+    def num_tiles(self, width: int, height: int, n_images: int = 1) -> int:
+        return 1 if self.tiling is None else self.tiling.num_tiles((width, height), n_images)
+
     @classmethod
-    def for_config(cls, grid: tuple[int, int], connector: ConnectorConfig) -> ImageTokenCounter:
-        return cls(tuple(grid), connector.name, tuple(sorted(connector.options.items())))
+    def for_config(cls, grid: tuple[int, int], connector: ConnectorConfig, tiling=None,
+                   tile: int | None = None) -> ImageTokenCounter:
+        """`tiling`: a TilingConfig (needs `tile`, the encoder's input side) or a TileSpec; None: no tiling."""
+        if tiling is not None and not isinstance(tiling, TileSpec):
+            tiling = TileSpec.from_config(tiling, tile)
+        counter = cls(tuple(grid), connector.name, tuple(sorted(connector.options.items())), tiling)
+        if tiling is not None and tiling.mode == "anyres":
+            TileSpec.feature_side(counter.tokens_per_tile)  # a clear error now, not at the first image
+        return counter
 
 
 def make_processor(config: ModelConfig, tokenizer, geometry, count_image_tokens: ImageTokenCounter,
@@ -58,7 +79,7 @@ def make_processor(config: ModelConfig, tokenizer, geometry, count_image_tokens:
     transform = ImageTransform(geometry.image_size, geometry.mean, geometry.std, config.encoder.image_aspect)
     image_token_id = add_image_token(tokenizer, config.llm.image_token)
     return Processor(tokenizer, transform, config.llm.image_token, image_token_id, count_image_tokens,
-                     template or config.template)
+                     template or config.template, getattr(count_image_tokens, "tiling", None))
 
 
 def build_processor(config: ModelConfig, template: str | None = None, tokenizer=None) -> Processor:
@@ -68,7 +89,8 @@ def build_processor(config: ModelConfig, template: str | None = None, tokenizer=
     if tokenizer is None:
         tokenizer = load_tokenizer(config.llm.tokenizer or config.llm.path, config.llm.image_token)
     geo = encoder_geometry(config.encoder)
-    return make_processor(config, tokenizer, geo, ImageTokenCounter.for_config(geo.grid, config.connector), template)
+    counter = ImageTokenCounter.for_config(geo.grid, config.connector, config.tiling, geo.image_size)
+    return make_processor(config, tokenizer, geo, counter, template)
 
 
 def load_processor(path: str | os.PathLike, template: str | None = None) -> Processor:
@@ -92,12 +114,23 @@ class VLM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.image_token_id = add_image_token(tokenizer, config.llm.image_token)
-        self.count_image_tokens = ImageTokenCounter.for_config(encoder.grid, config.connector)
+        self.count_image_tokens = ImageTokenCounter.for_config(encoder.grid, config.connector, config.tiling,
+                                                               encoder.image_size)
+        self.tiling = self.count_image_tokens.tiling  # TileSpec or None
+        if self.tiling is not None and self.tiling.uses_newline:
+            # LLaVA-NeXT: appended after each row of AnyRes features; init randn / sqrt(D)
+            d = llm.config.hidden_size
+            self.image_newline = nn.Parameter(torch.randn(d) / math.sqrt(d))  # [D]
+        else:
+            self.image_newline = None
         self.adapters: dict[str, nn.Module] = {}  # component -> peft LoraModel (not a submodule)
 
     def components(self) -> dict[str, nn.Module | nn.Parameter]:
-        """The parts a stage plan can name."""
-        return {"encoder": self.encoder, "connector": self.connector, "llm": self.llm}
+        """The parts a stage plan can name (`image_newline` only when AnyRes with unpad uses it)."""
+        comps = {"encoder": self.encoder, "connector": self.connector, "llm": self.llm}
+        if self.image_newline is not None:
+            comps["image_newline"] = self.image_newline
+        return comps
 
     # ---- LoRA -----------------------------------------------------------------------------
     def add_lora(self, name: str, plan, state: dict | None = None) -> None:
@@ -245,28 +278,104 @@ class VLM(nn.Module):
                 feats = self.encoder(pixel_values)
         return self.connector(feats, self.encoder.grid)  # [N, P', D]
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features scattered into the placeholder positions."""
+    def pack_images(self, feats: torch.Tensor, image_sizes, images_per_sample=None,
+                    tiles_per_image=None) -> list[torch.Tensor]:
+        """Tile features [N_tiles, P', D] -> one token sequence [L_i, D] per image (tiling modes).
+
+        `image_sizes`: (width, height) per image; `images_per_sample`: images of each sample in order
+        (InternVL's tile budget depends on it; default: all in one sample). Each image's tile count and
+        token count come from the counter, the one place that counts; a mismatch names the image.
+        """
+        sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes)
+                                                     else image_sizes)]
+        per_sample = (images_per_sample.tolist() if torch.is_tensor(images_per_sample)
+                      else list(images_per_sample) if images_per_sample is not None else [len(sizes)])
+        if sum(per_sample) != len(sizes):
+            raise ValueError(f"images_per_sample {per_sample} does not add up to the {len(sizes)} image size(s)")
+        n_of = [n for n in per_sample for _ in range(n)]  # images in the sample of each image
+        count = self.count_image_tokens
+        tiles = [count.num_tiles(w, h, n) for (w, h), n in zip(sizes, n_of)]
+        given = tiles_per_image.tolist() if torch.is_tensor(tiles_per_image) else tiles_per_image
+        if (given is not None and list(given) != tiles) or sum(tiles) != feats.shape[0]:
+            raise ValueError(f"image tile mismatch: image sizes {sizes} (width, height) give {tiles} tiles with "
+                             f"{self.tiling.mode} tiling (total {sum(tiles)}); the batch has {feats.shape[0]} "
+                             f"tile(s){'' if given is None else f' split as {list(given)}'}")
+        out = []
+        for k, (part, size, n) in enumerate(zip(feats.split(tiles), sizes, n_of)):
+            packed = self.tiling.pack(part, size, self.image_newline)  # [L_k, D]
+            if packed.shape[0] != count(*size, n):
+                raise ValueError(f"image {k} ({size[0]}x{size[1]}): packing gave {packed.shape[0]} tokens, "
+                                 f"the counter {count(*size, n)}")
+            out.append(packed)
+        return out
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes=None,
+              images_per_sample=None, tiles_per_image=None) -> torch.Tensor:
+        """Token embeddings with image features scattered into the placeholder positions.
+
+        pixel_values: [N_tiles, 3, T, T] (one tile per image without tiling). With tiling, the
+        collated `image_sizes` [N_images, 2] (width, height), `images_per_sample` [B] and (checked)
+        `tiles_per_image` [N_images] say which tiles make which image and which images which sample.
+        """
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
         mask = input_ids == self.image_token_id  # [B, T]
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        feats = self.encode_images(pixel_values) if n_images else embeds.new_zeros(0, 0, embeds.shape[-1])
-        expected = n_images * self.count_image_tokens(self.encoder.image_size, self.encoder.image_size)
         found = int(mask.sum())
-        if found != expected or feats.shape[0] * feats.shape[1] != expected:
-            raise ValueError(f"image token mismatch: {n_images} image(s) give {feats.shape[0] * feats.shape[1]} "
+        n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        if self.tiling is None:
+            n_images = n_tiles
+            feats = self.encode_images(pixel_values) if n_tiles else embeds.new_zeros(0, 0, embeds.shape[-1])
+            per_image = [feats.shape[1]] * n_images
+            feats = feats.reshape(-1, embeds.shape[-1])  # [N * P', D]
+            expected = n_images * self.count_image_tokens(self.encoder.image_size, self.encoder.image_size)
+        else:
+            if n_tiles and image_sizes is None:
+                raise ValueError(f"{self.tiling.mode} tiling needs image_sizes (width, height per image) with "
+                                 "pixel_values: pass the processor's / collate's image_sizes")
+            if images_per_sample is None and input_ids.shape[0] > 1 and self.tiling.mode == "internvl":
+                raise ValueError("internvl tiling with a batch of several samples needs images_per_sample "
+                                 "(the tile budget depends on each sample's image count): pass collate's")
+            sizes = image_sizes if n_tiles else []
+            n_images = len(sizes)
+            parts = (self.pack_images(self.encode_images(pixel_values), sizes, images_per_sample, tiles_per_image)
+                     if n_tiles else [])
+            per_image = [x.shape[0] for x in parts]
+            feats = torch.cat(parts) if parts else embeds.new_zeros(0, embeds.shape[-1])  # [sum L_i, D]
+            per_sample = images_per_sample if images_per_sample is not None else [n_images]
+            n_of = [n for n in (per_sample.tolist() if torch.is_tensor(per_sample) else per_sample) for _ in range(n)]
+            expected = sum(self.count_image_tokens(int(w), int(h), n) for (w, h), n in zip(
+                sizes.tolist() if torch.is_tensor(sizes) else sizes, n_of))
+        if found != expected or feats.shape[0] != expected:
+            raise ValueError(f"image token mismatch: {n_images} image(s) give {feats.shape[0]} "
                              f"features (expected {expected}), the text holds {found} placeholder tokens")
+        if images_per_sample is not None:
+            self._check_rows(mask, per_image, images_per_sample)
         return embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
 
+    @staticmethod
+    def _check_rows(mask: torch.Tensor, per_image: list[int], images_per_sample) -> None:
+        """Each sample's placeholders must match its own images' tokens (not only the batch total)."""
+        per_sample = images_per_sample.tolist() if torch.is_tensor(images_per_sample) else list(images_per_sample)
+        if len(per_sample) != mask.shape[0]:
+            raise ValueError(f"images_per_sample has {len(per_sample)} entries for {mask.shape[0]} sample(s)")
+        found = mask.sum(1).tolist()
+        start = 0
+        for r, n in enumerate(per_sample):
+            want = per_image[start:start + n]
+            start += n
+            if sum(want) != found[r]:
+                raise ValueError(f"image token mismatch in sample {r}: its {n} image(s) give {want} features "
+                                 f"(expected {sum(want)}), its text holds {found[r]} placeholder tokens")
+
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None,
-                num_items: int | None = None, **_) -> torch.Tensor:
+                num_items: int | None = None, image_sizes=None, images_per_sample=None, tiles_per_image=None,
+                **_) -> torch.Tensor:
         """The training loss: cross-entropy over labelled positions only, summed / `num_items`.
 
         `num_items` is the number of labelled tokens in the whole optimizer step (all micro-batches,
         all processes), so gradient accumulation gives the same update as one large batch; by
         default the mean over this batch. Full-vocabulary logits are formed only where labelled.
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image)
         hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         targets = labels[:, 1:]  # [B, T-1]
         sel = targets != IGNORE
@@ -282,15 +391,17 @@ class VLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def logits(self, input_ids, attention_mask=None, pixel_values=None) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, images_per_sample=None,
+               tiles_per_image=None) -> torch.Tensor:
         """Full logits [B, T, V] (for inference and tests)."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask).logits
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32, **kwargs):
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
+                 image_sizes=None, images_per_sample=None, tiles_per_image=None, **kwargs):
         """Generate with the LLM's KV cache; a batch must be left-padded. Returns only the new tokens."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.setdefault("do_sample", False)

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from .conversation import SampleError
-from .images import load_image, to_rgb
+from .images import MAX_IMAGE_PIXELS, load_image, prepare_image
 
 
 def load_records(path: str):
@@ -43,49 +43,64 @@ class ConversationDataset(Dataset):
     """Samples -> model inputs through a Processor; bad samples raise, or are returned as skipped."""
 
     def __init__(self, path: str, processor, image_folder: str = "", template: str | None = None,
-                 max_length: int = 2048, on_bad_sample: str = "error"):
+                 max_length: int = 2048, on_bad_sample: str = "error",
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         self.source = path
         self.records = load_records(path)
         folder = image_folder or (os.path.dirname(path) if not path.startswith("hf:") else "")
         self.image_folder = folder
         self.processor, self.template, self.max_length = processor, template, max_length
         self.on_bad_sample = on_bad_sample
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self):
         return len(self.records)
 
-    def images(self, rec) -> list:
+    @staticmethod
+    def image_refs(rec) -> list:
+        """The sample's image entries as stored: paths, {"path"/"bytes"} dicts or PIL images."""
         img = rec.get("image", rec.get("images"))
         if img is None:
             return []
-        items = img if isinstance(img, list) else [img]
+        return img if isinstance(img, list) else [img]
+
+    def image_source(self, it, k: int = 0):
+        """(what PIL opens, a name for messages) of one image entry; (None, name) for a PIL image."""
+        if isinstance(it, str):
+            path = os.path.join(self.image_folder, it)
+            return path, path
+        if isinstance(it, dict) and it.get("path") and not it.get("bytes"):
+            path = os.path.join(self.image_folder, it["path"])
+            return path, path
+        if isinstance(it, dict) and it.get("bytes"):
+            import io
+
+            return io.BytesIO(it["bytes"]), f"image {k} ({it.get('path') or 'embedded bytes'})"
+        return None, f"image {k}"
+
+    def images(self, rec) -> list:
         out = []
-        for it in items:
-            if isinstance(it, str):
-                out.append(load_image(os.path.join(self.image_folder, it)))
-            elif isinstance(it, dict) and it.get("path") and not it.get("bytes"):
-                out.append(load_image(os.path.join(self.image_folder, it["path"])))
-            elif isinstance(it, dict) and it.get("bytes"):
-                import io
-
-                from PIL import Image
-
-                out.append(to_rgb(Image.open(io.BytesIO(it["bytes"]))))
+        for k, it in enumerate(self.image_refs(rec)):
+            src, name = self.image_source(it, k)
+            if src is not None:
+                out.append(load_image(src, self.max_image_pixels, name))
             else:  # PIL image from an HF Image feature
-                out.append(to_rgb(it))
+                out.append(prepare_image(it, self.max_image_pixels, name))
         return out
 
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
         sid = rec.get("id", i) if isinstance(rec, dict) else i
         try:
-            if "conversations" not in rec:
-                raise SampleError("no 'conversations' field")
+            if not isinstance(rec, dict) or "conversations" not in rec:
+                raise SampleError("no 'conversations' field" if isinstance(rec, dict) else
+                                  f"expected a JSON object, got {type(rec).__name__}")
             out = self.processor(rec["conversations"], self.images(rec), self.template, self.max_length)
         except (SampleError, OSError, ValueError) as e:
             msg = f"{self.source}: sample {i} (id={sid}): {e}"
+            kind = getattr(e, "kind", "invalid_sample")
             if self.on_bad_sample == "skip":
-                return {"skipped": {"index": i, "id": sid, "reason": str(e)}}
-            raise SampleError(msg) from None
+                return {"skipped": {"index": i, "id": sid, "reason": str(e), "kind": kind}}
+            raise SampleError(msg, kind) from None
         out["id"] = sid
         return out

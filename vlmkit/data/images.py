@@ -1,6 +1,7 @@
 """Image files -> normalised pixel tensors. PIL and numpy only (no torchvision)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,33 +9,94 @@ import torch
 from PIL import Image, ImageOps
 
 Image.MAX_IMAGE_PIXELS = 178_956_970  # PIL's default bomb limit, made explicit
+MAX_IMAGE_PIXELS = 178_956_970
+"""vlmkit's default limit: an image whose header declares more pixels is refused before decoding.
+
+Configurable per dataset (`data.max_image_pixels`, `check-data --max-image-pixels`). PIL's own hard
+limit (2 x `PIL.Image.MAX_IMAGE_PIXELS`) still applies above it."""
 
 
-def load_image(path: str) -> Image.Image:
+class ImageError(OSError):
+    """An image that cannot be used. `kind`: missing_image | corrupt_image | image_too_large."""
+
+    def __init__(self, message: str, kind: str = "corrupt_image"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep `kind` across processes (data-loader workers)
+        return type(self), (str(self), self.kind)
+
+
+def open_image(src, max_pixels: int | None = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """Open an image lazily (only its header is read) and refuse it when the header declares more than
+    `max_pixels` pixels (a decompression bomb), before anything is decoded. `src`: a path or a file object."""
+    name = name or str(src)
+    try:
+        with warnings.catch_warnings():  # PIL warns above its limit; vlmkit's own check decides below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(src)
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {name}", "missing_image") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image {name} refused before decoding: {e}", "image_too_large") from None
+    except Exception as e:  # any failure to parse the header: not an image, or a broken one
+        raise ImageError(f"cannot read image {name}: {e}", "corrupt_image") from None
+    try:
+        check_size(im.size, max_pixels, name)
+    except ImageError:
+        im.close()
+        raise
+    return im
+
+
+def check_size(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    w, h = size
+    if max_pixels and w * h > max_pixels:
+        raise ImageError(f"image {name} declares {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+                         f"(a decompression bomb?); refused before decoding. Raise data.max_image_pixels "
+                         f"(check-data --max-image-pixels) to accept it", "image_too_large")
+
+
+def load_image(src, max_pixels: int | None = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
     """Open an image fully, apply its EXIF rotation and convert any mode to RGB.
 
     Palette and RGBA images are composited on white, 16-bit and greyscale images rescaled.
-    Raises OSError / ValueError naming the file when it is missing, truncated or not an image.
+    Raises ImageError (an OSError) naming the file when it is missing, truncated, not an image,
+    or larger than `max_pixels` (checked from the header, before decoding).
     """
+    name = name or str(src)
+    im = open_image(src, max_pixels, name)
     try:
-        with Image.open(path) as im:
+        with im:
             im.load()
             im = ImageOps.exif_transpose(im)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from None
+    except Exception as e:  # decoders raise OSError mostly, but also SyntaxError, EOFError, struct.error...
+        raise ImageError(f"cannot read image {name}: {e}", "corrupt_image") from None
+    return to_rgb(im)
+
+
+def prepare_image(im: Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS, name: str = "image") -> Image.Image:
+    """An already opened PIL image (e.g. from an HF Image feature) through the same steps as load_image."""
+    check_size(im.size, max_pixels, name)
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception as e:
+        raise ImageError(f"cannot read image {name}: {e}", "corrupt_image") from None
     return to_rgb(im)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        # I;16 is 16-bit by definition (a dark 16-bit image is not an 8-bit one); "I" (32-bit) is
+        # what older Pillow gives 16-bit PNGs, and some tools store 8-bit data in it: judge by range
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
+    if im.mode in ("P", "PA"):
         im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA"):
+    if im.mode in ("RGBA", "LA", "RGBa", "La"):
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, im.convert("RGBA")).convert("RGB")
     return im.convert("RGB")

@@ -22,20 +22,34 @@ class Processor:
     image_token: str
     image_token_id: int
     count_image_tokens: Callable[[int, int], int]
-    """(width, height) of an image -> its placeholder count: the one counting function the model uses too."""
+    """(width, height) of an image -> its placeholder count: the one counting function the model uses too.
+    With tiling it also takes `n_images` (the sample's image count, InternVL's tile budget)."""
     template: str = "vicuna_v1"
+    tiling: object | None = None
+    """A `vlmkit.highres.TileSpec` (anyres | internvl): each image becomes [n_tiles, 3, T, T]; None: one tile."""
 
     def __call__(self, conversations: list[dict], images: list[Image.Image], template: str | None = None,
                  max_length: int | None = None, add_generation_prompt: bool = False) -> dict:
         messages = normalize(conversations)
-        counts = [self.count_image_tokens(*im.size) for im in images]
+        n = len(images)
+        if self.tiling is None:
+            counts = [self.count_image_tokens(*im.size) for im in images]
+        else:
+            counts = [self.count_image_tokens(*im.size, n_images=n) for im in images]
         ids, labels = encode(messages, self.tokenizer, get_template(template or self.template), self.image_token,
                              self.image_token_id, counts, add_generation_prompt)
         if max_length:
             ids, labels = truncate(ids, labels, max_length, self.image_token_id)
         size = self.transform.size
-        pixels = torch.stack([self.transform(im) for im in images]) if images else torch.zeros(0, 3, size, size)
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels}
+        if self.tiling is None:
+            tiles = [[im] for im in images]
+        else:  # anyres: base tile first, then row-major; internvl: row-major, then the thumbnail
+            tiles = [self.tiling.split(im, n) for im in images]
+        pixels = (torch.stack([self.transform(t) for ts in tiles for t in ts]) if images
+                  else torch.zeros(0, 3, size, size))  # [n_tiles, 3, T, T]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
+                "image_sizes": torch.tensor([im.size for im in images], dtype=torch.long).view(n, 2),  # (w, h)
+                "tiles_per_image": torch.tensor([len(ts) for ts in tiles], dtype=torch.long)}
 
 
 def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
@@ -62,7 +76,19 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> di
         "input_ids": ids,
         "labels": labels,
         "attention_mask": mask,
-        "pixel_values": torch.cat([s["pixel_values"] for s in kept]),  # [N_images, 3, H, W]
+        "pixel_values": torch.cat([s["pixel_values"] for s in kept]),  # [N_tiles, 3, H, W]
         "ids": [s.get("id") for s in kept],
         "skipped": skipped,
+        **_image_layout(kept),
+    }
+
+
+def _image_layout(kept: list[dict]) -> dict:
+    """Which tiles belong to which image and which images to which sample (for the model's merge)."""
+    if not all("image_sizes" in s for s in kept):  # samples made elsewhere: one tile per image
+        return {}
+    return {
+        "image_sizes": torch.cat([s["image_sizes"] for s in kept]),  # [N_images, 2] (width, height)
+        "tiles_per_image": torch.cat([s["tiles_per_image"] for s in kept]),  # [N_images]
+        "images_per_sample": torch.tensor([len(s["image_sizes"]) for s in kept], dtype=torch.long),  # [B]
     }

@@ -1,0 +1,344 @@
+"""`vlmkit check-data`: scan datasets before training; count the bad samples and name the first ones.
+
+Every sample goes through the code training runs, `ConversationDataset.__getitem__`: its images
+through `load_image` (with the same decompression-bomb limit), its conversation through the
+`Processor` -> `encode` -> `truncate`. Those raise `SampleError` with a `kind`, which is what is
+counted here; nothing is checked twice in two ways, so a sample that passes here is one training
+accepts, and training meets the same errors lazily (raised, or counted and skipped with
+`data.on_bad_sample: skip`).
+
+Notes are not errors: images in modes other than RGB, with an EXIF rotation or several frames,
+and samples that fill max_length. The training path handles them (`load_image` converts,
+composites and rotates); they are listed so that a surprise in the data is seen before training.
+
+The processor comes from a saved model folder or a run config without loading any weights
+(`load_processor`, `build_processor`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .data.conversation import SampleError
+from .data.dataset import ConversationDataset
+from .data.images import MAX_IMAGE_PIXELS
+
+ERRORS = {
+    "missing_image": "image file not found",
+    "corrupt_image": "not an image, or corrupt / truncated",
+    "image_too_large": "header declares more pixels than max_image_pixels (decompression bomb)",
+    "image_count_mismatch": "<image> placeholders differ from the sample's images",
+    "image_in_assistant_turn": "<image> in an assistant turn",
+    "no_assistant_turn": "no assistant turn",
+    "no_trained_token": "nothing left to train on (after truncation to max_length)",
+    "too_long_for_images": "too long to keep its image tokens within max_length",
+    "invalid_sample": "malformed sample (fields, roles, turn order)",
+    "unreadable_dataset": "the dataset file itself cannot be read",
+}
+IMAGE_ERRORS = ("missing_image", "corrupt_image", "image_too_large")
+MODE_NOTES = {
+    "CMYK": "CMYK, converted to RGB",
+    "RGBA": "alpha composited on white",
+    "LA": "greyscale + alpha, composited on white",
+    "P": "palette, expanded (transparency composited on white)",
+    "PA": "palette + alpha, composited on white",
+    "I;16": "16-bit, rescaled to 8-bit",
+    "I;16B": "16-bit, rescaled to 8-bit",
+    "I": "32-bit integer, rescaled to 8-bit",
+    "L": "greyscale, replicated to RGB",
+    "1": "1-bit, black and white",
+}
+NOTES = {
+    "exif_rotation": "EXIF orientation: rotated on load",
+    "animated": "several frames: the first is used",
+    "at_max_length": "filled max_length (truncated, or exactly that long)",
+}
+
+
+@dataclass
+class Target:
+    """One dataset to check, with the settings training would use for it."""
+
+    path: str
+    processor: object
+    name: str = ""
+    image_folder: str = ""
+    template: str | None = None
+    max_length: int = 2048
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS
+
+
+@dataclass
+class Tally:
+    """Counts per kind and the first few offending samples of each."""
+
+    examples: int = 5
+    kinds: dict = field(default_factory=dict)
+
+    def add(self, kind: str, item: dict) -> None:
+        entry = self.kinds.setdefault(kind, {"count": 0, "first": []})
+        entry["count"] += 1
+        if len(entry["first"]) < self.examples:
+            entry["first"].append(item)
+
+
+# ---- one sample ---------------------------------------------------------------------------------
+def image_notes(ds: ConversationDataset, item, k: int) -> list[tuple[str, str]]:
+    """Notes about one image entry from its header only (mode, EXIF orientation, frames); never raises:
+    an unreadable image is the training path's error, reported from there."""
+    src, name = ds.image_source(item, k)
+    try:
+        if src is None:
+            im = item
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = Image.open(src)
+        try:
+            mode = im.mode
+            orientation = im.getexif().get(0x0112, 1)
+            frames = getattr(im, "n_frames", 1)
+        finally:
+            if src is not None:
+                im.close()
+    except Exception:
+        return []
+    out = []
+    if mode != "RGB":
+        out.append((f"mode_{mode}", f"{name}: mode {mode}: {MODE_NOTES.get(mode, 'converted to RGB')}"))
+    if orientation not in (None, 1):
+        out.append(("exif_rotation", f"{name}: EXIF orientation {orientation}, rotated on load"))
+    if frames and frames > 1:
+        out.append(("animated", f"{name}: {frames} frames, the first is used"))
+    return out
+
+
+def check_sample(ds: ConversationDataset, i: int) -> dict:
+    """Errors and notes of sample i. `ds` must be in skip mode: its __getitem__ returns the error."""
+    rec = ds.records[i]
+    is_dict = isinstance(rec, dict)
+    sid = rec.get("id", i) if is_dict else i
+    errors: list[tuple[str, str]] = []
+    notes: list[tuple[str, str]] = []
+    refs = ds.image_refs(rec) if is_dict else []
+    for k, item in enumerate(refs):
+        notes += image_notes(ds, item, k)
+    tokens = None
+    try:
+        out = ds[i]  # the training path: images, encode, truncate
+    except Exception as e:  # not a SampleError: a bug or a sample shape nobody expected; report, go on
+        out = {"skipped": {"kind": "invalid_sample", "reason": f"{type(e).__name__}: {e}"}}
+    if "skipped" in out:
+        kind, reason = out["skipped"]["kind"], out["skipped"]["reason"]
+        errors.append((kind, reason))
+        if kind in IMAGE_ERRORS and is_dict and "conversations" in rec:
+            # an image error stops the sample before its text is looked at: check the text too, with
+            # stand-in images of the model's input size, so one run reports both problems
+            size = ds.processor.transform.size
+            stand_ins = [Image.new("RGB", (size, size)) for _ in refs]
+            try:
+                ds.processor(rec["conversations"], stand_ins, ds.template, ds.max_length)
+            except (SampleError, ValueError) as e:
+                errors.append((getattr(e, "kind", "invalid_sample"), str(e)))
+    else:
+        tokens = len(out["input_ids"])
+        if ds.max_length and tokens >= ds.max_length:
+            notes.append(("at_max_length", f"{tokens} tokens: filled max_length {ds.max_length}"))
+    return {"index": i, "id": sid, "errors": errors, "notes": notes, "tokens": tokens, "images": len(refs)}
+
+
+class _Checks(Dataset):
+    """Sample index -> its check result, so a DataLoader can spread the work over processes."""
+
+    def __init__(self, ds: ConversationDataset, limit: int | None = None):
+        self.ds, self.n = ds, min(len(ds), limit) if limit else len(ds)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return check_sample(self.ds, i)
+
+
+def _identity(x):
+    return x
+
+
+# ---- progress -----------------------------------------------------------------------------------
+class Progress:
+    """`done/total samples (rate/s, bad)` on stderr, at most once a second (in place on a terminal)."""
+
+    def __init__(self, label: str, total: int, stream=None, every: float = 1.0):
+        self.label, self.total, self.every = label, total, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int, bad: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        pct = 100.0 * done / max(self.total, 1)
+        line = f"check-data {self.label}: {done}/{self.total} samples ({pct:.0f}%, {rate:.0f}/s), {bad} bad"
+        end = "\n" if final or not self.tty else ""
+        self.stream.write(("\r" if self.tty else "") + line + end)
+        self.stream.flush()
+
+
+# ---- datasets -----------------------------------------------------------------------------------
+def check_dataset(target: Target, workers: int = 0, examples: int = 5, progress: bool = True,
+                  limit: int | None = None) -> dict:
+    """The report of one dataset: counts per error and note kind, the first offending samples."""
+    head = {"name": target.name or target.path, "path": target.path,
+            "template": target.template or target.processor.template, "max_length": target.max_length,
+            "max_image_pixels": target.max_image_pixels}
+    errors, notes = Tally(examples), Tally(examples)
+    try:
+        ds = ConversationDataset(target.path, target.processor, target.image_folder, target.template,
+                                 target.max_length, on_bad_sample="skip", max_image_pixels=target.max_image_pixels)
+    except Exception as e:
+        errors.add("unreadable_dataset", {"file": target.path, "index": None, "id": None,
+                                          "message": f"{type(e).__name__}: {e}"})
+        return {**head, "samples": 0, "checked": 0, "bad_samples": 0, "images": 0, "tokens": None,
+                "errors": errors.kinds, "notes": notes.kinds}
+    checks = _Checks(ds, limit)
+    if workers > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    loader = DataLoader(checks, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity)
+    bar = Progress(head["name"], len(checks)) if progress else None
+    done = bad = n_images = 0
+    lengths = []
+    for r in loader:
+        where = {"file": ds.source, "index": r["index"], "id": r["id"]}
+        for kind, msg in r["errors"]:
+            errors.add(kind, {**where, "message": msg})
+        for kind, msg in r["notes"]:
+            notes.add(kind, {**where, "message": msg})
+        bad += bool(r["errors"])
+        done += 1
+        n_images += r["images"]
+        if r["tokens"] is not None:
+            lengths.append(r["tokens"])
+        if bar:
+            bar.update(done, bad)
+    if bar:
+        bar.update(done, bad, final=True)
+    tokens = ({"max": max(lengths), "mean": round(sum(lengths) / len(lengths), 1)} if lengths else None)
+    return {**head, "samples": len(ds), "checked": done, "bad_samples": bad, "images": n_images,
+            "tokens": tokens, "errors": errors.kinds, "notes": notes.kinds}
+
+
+def check(targets: list[Target], workers: int = 0, examples: int = 5, progress: bool = True,
+          limit: int | None = None) -> dict:
+    """The report of several datasets; `ok` is False when any has an error."""
+    reports = [check_dataset(t, workers, examples, progress, limit) for t in targets]
+    n_err = sum(e["count"] for r in reports for e in r["errors"].values())
+    return {"ok": n_err == 0, "errors": n_err, "bad_samples": sum(r["bad_samples"] for r in reports),
+            "datasets": reports}
+
+
+# ---- building targets ---------------------------------------------------------------------------
+def targets_from_config(config_path: str, data: list[str] | None = None, **overrides) -> list[Target]:
+    """Every stage's data with that stage's template, max_length, image folder and pixel limit
+    (or the given data files with the overrides). The processor is built without weights."""
+    from .config import load_config
+    from .model import build_processor
+
+    cfg = load_config(config_path)
+    processor = build_processor(cfg.model)
+    over = {k: v for k, v in overrides.items() if v is not None}
+    if data:
+        return [Target(p, processor, **over) for p in data]
+    return [Target(s.data.path, processor, name=f"{s.name}: {s.data.path}",
+                   **{"image_folder": s.data.image_folder, "template": s.data.template,
+                      "max_length": s.data.max_length, "max_image_pixels": s.data.max_image_pixels, **over})
+            for s in cfg.stages]
+
+
+def targets_from_model(model_dir: str, data: list[str], **overrides) -> list[Target]:
+    """The given data files against a saved model folder (or a run folder holding model/)."""
+    from pathlib import Path
+
+    from .model import CONFIG_NAME, load_processor
+
+    d = Path(model_dir)
+    if not (d / CONFIG_NAME).exists() and (d / "model" / CONFIG_NAME).exists():
+        d = d / "model"
+    processor = load_processor(d)
+    over = {k: v for k, v in overrides.items() if v is not None}
+    return [Target(p, processor, **over) for p in data]
+
+
+# ---- output -------------------------------------------------------------------------------------
+def _where(item: dict) -> str:
+    if item["index"] is None:
+        return item["file"]
+    return f"{item['file']} #{item['index']} (id={item['id']})"
+
+
+def format_summary(report: dict, examples: int = 3) -> str:
+    """A table per dataset: kind, severity, count, what it means; then the first offending samples."""
+    lines = []
+    for r in report["datasets"]:
+        lim = r["max_image_pixels"]
+        lines.append(f"== {r['name']}  (template {r['template']}, max_length {r['max_length']}, "
+                     f"max_image_pixels {f'{lim:,}' if lim else 'none'})")
+        tok = f", tokens max {r['tokens']['max']} mean {r['tokens']['mean']}" if r["tokens"] else ""
+        checked = r["checked"] if r["checked"] == r["samples"] else f"{r['checked']} of {r['samples']}"
+        lines.append(f"   {checked} samples, {r['images']} images, {r['bad_samples']} bad sample(s){tok}")
+        rows = [("error", k, v) for k, v in sorted(r["errors"].items(), key=lambda kv: -kv[1]["count"])]
+        rows += [("note", k, v) for k, v in sorted(r["notes"].items(), key=lambda kv: -kv[1]["count"])]
+        if not rows:
+            lines.append("   no problems found")
+            continue
+        w = max(len(k) for _, k, _ in rows)
+        lines.append(f"   {'severity':<8}  {'kind':<{w}}  {'count':>7}  meaning")
+        for sev, kind, v in rows:
+            meaning = ERRORS.get(kind) or NOTES.get(kind) or MODE_NOTES.get(kind.removeprefix("mode_"), "")
+            lines.append(f"   {sev.upper() if sev == 'error' else sev:<8}  {kind:<{w}}  {v['count']:>7}  {meaning}")
+        for sev, kind, v in rows:
+            if sev != "error":
+                continue
+            lines.append(f"   first {kind}:")
+            for item in v["first"][:examples]:
+                lines.append(f"     {_where(item)}: {item['message']}")
+    if report["ok"]:
+        lines.append("check-data: OK, no errors")
+    else:
+        lines.append(f"check-data: {report['errors']} error(s) in {report['bad_samples']} sample(s) "
+                     f"(training with on_bad_sample: error stops at the first; skip leaves them out)")
+    return "\n".join(lines)
+
+
+def run_cli(args) -> int:
+    """`vlmkit check-data`: exit status 0 when no errors, 1 when any (2: bad arguments, from argparse)."""
+    over = dict(image_folder=args.image_folder, template=args.template, max_length=args.max_length,
+                max_image_pixels=args.max_image_pixels)
+    if not args.config and not args.data:
+        print("vlmkit check-data: give data files to check against --model", file=sys.stderr)
+        return 2
+    if args.config:
+        targets = targets_from_config(args.config, args.data, **over)
+    else:
+        targets = targets_from_model(args.model, args.data, **over)
+    report = check(targets, workers=args.workers, examples=args.examples, progress=not args.no_progress,
+                   limit=args.limit)
+    print(format_summary(report, args.examples))
+    if args.json:
+        text = json.dumps(report, indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return 0 if report["ok"] else 1
+
