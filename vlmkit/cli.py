@@ -27,16 +27,24 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
-    from .model import VLM
+    """Several processes under `accelerate launch` each answer a shard; the main one writes the report."""
+    from accelerate import Accelerator
 
-    model = VLM.from_pretrained(args.model)
-    res = evaluate(model, args.data, args.image_folder, blank_images=args.blank_images,
-                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=2))
-    if args.output:
-        Path(args.output).write_text(json.dumps(res, indent=2))
+    from .evaluate import evaluate, markdown_table, write_report
+    from .model import VLM, resolve_model_dir
+
+    acc = Accelerator(cpu=args.cpu)
+    model = VLM.from_pretrained(resolve_model_dir(args.model)).to(acc.device)
+    settings = {"images": False, "blank images": True} if args.blank_images else {"images": False}
+    results = {name: evaluate(model, args.data, args.image_folder, blank_images=blank, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, accelerator=acc)
+               for name, blank in settings.items()}
+    if acc.is_main_process:
+        print(markdown_table(results), end="")
+        if args.output_dir:
+            print("wrote", *write_report(results, args.output_dir))
     return 0
+
 
 
 def cmd_chat(args) -> int:
@@ -44,9 +52,9 @@ def cmd_chat(args) -> int:
     from transformers import TextStreamer
 
     from .data.images import load_image
-    from .model import VLM
+    from .model import VLM, resolve_model_dir
 
-    model = VLM.from_pretrained(args.model).eval()
+    model = VLM.from_pretrained(resolve_model_dir(args.model)).eval()
     proc = model.processor()
     images = [load_image(args.image)] if args.image else []
     gen = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens}
@@ -79,7 +87,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_llava, resolve_model_dir
+    from .export import export_llava
+    from .model import resolve_model_dir
 
     src = resolve_model_dir(args.model)
     out = export_llava(src, args.out_dir, template=args.template)
@@ -104,14 +113,16 @@ def main(argv=None) -> int:
     t.add_argument("--cpu", action="store_true")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="accuracy on a LLaVA-format file with reference answers")
+    e = sub.add_parser("eval", help="accuracy on a LLaVA-format file or HF dataset with reference answers")
     e.add_argument("model")
     e.add_argument("--data", required=True)
     e.add_argument("--image-folder", default="")
-    e.add_argument("--blank-images", action="store_true", help="replace every image by a blank one")
+    e.add_argument("--blank-images", action="store_true",
+                   help="also answer with every image replaced by a blank one (how much comes from the text alone)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-new-tokens", type=int, default=16)
-    e.add_argument("--output", help="write the full result JSON here")
+    e.add_argument("--output-dir", help="write eval.json (every answer) and eval.md (the table) here")
+    e.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("chat", help="talk to a model about an image")

@@ -13,12 +13,14 @@ from .data.processor import collate
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s]")
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS["none"] = "0"
 
 
 def normalize_answer(s: str) -> str:
-    """VQA-style normalisation: lower case, no punctuation or articles, single spaces."""
+    """VQA-style normalisation: lower case, no punctuation or articles, number words as digits."""
     s = _PUNCT.sub(" ", s.lower())
-    return " ".join(_ARTICLES.sub(" ", s).split())
+    return " ".join(_NUMBERS.get(w, w) for w in _ARTICLES.sub(" ", s).split())
 
 
 @torch.no_grad()
@@ -38,38 +40,78 @@ def generate_answers(model, prompts: list[dict], batch_size: int = 64, max_new_t
 
 
 def evaluate(model, path: str, image_folder: str = "", blank_images: bool = False, batch_size: int = 64,
-             max_new_tokens: int = 16, progress: bool = True) -> dict:
-    """Accuracy on a LLaVA-format file whose last turn is the reference answer.
+             max_new_tokens: int = 16, progress: bool = True, accelerator=None) -> dict:
+    """Accuracy on a LLaVA-format file (or HF dataset) whose last turn is the reference answer.
 
-    Each sample's conversation up to its last assistant turn is the prompt; the generated answer
-    is compared exactly (after stripping) and VQA-normalised. With `blank_images` every image is
-    replaced by a uniform mean-colour image: what is still right is answered from the text alone.
-    A sample's optional "type" field gives per-type accuracy.
+    Each sample's conversation up to its last assistant turn is the prompt; the greedy answer is
+    compared exactly (after stripping) and VQA-normalised (case, punctuation, articles, number words).
+    With `blank_images` every image is replaced by a uniform mean-colour image: what is still right
+    is answered from the text alone. A sample's optional "type" field gives per-type accuracy.
+    With an `accelerator` of several processes, each answers a contiguous shard and all get the result.
     """
     processor = model.processor()
     ds = ConversationDataset(path, processor, image_folder)
-    prompts, refs, types = [], [], []
-    for i, rec in enumerate(ds.records):
+    n = len(ds.records)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    prompts, rows = [], []
+    for i in range(lo, hi):
+        rec = ds.records[i]
+        sid = rec.get("id", i)
         turns = normalize(rec["conversations"])
         if not turns or turns[-1]["role"] != "assistant":
-            raise ValueError(f"{path}: sample {i} (id={rec.get('id', i)}): the last turn must be the reference answer")
-        images = ds.images(rec)
-        p = processor(rec["conversations"][:-1], images, add_generation_prompt=True)
+            raise ValueError(f"{path}: sample {i} (id={sid}): the last turn must be the reference answer")
+        p = processor(rec["conversations"][:-1], ds.images(rec), add_generation_prompt=True)
         if blank_images:
             p["pixel_values"] = processor.transform.blank().expand_as(p["pixel_values"]).clone()
         prompts.append(p)
-        refs.append(turns[-1]["content"].strip())
-        types.append(rec.get("type", "all"))
-    answers = generate_answers(model, prompts, batch_size, max_new_tokens, progress)
-    exact = [a == r for a, r in zip(answers, refs)]
-    norm = [normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, refs)]
+        rows.append({"index": i, "id": sid, "type": rec.get("type", "all"), "ref": turns[-1]["content"].strip()})
+    answers = generate_answers(model, prompts, batch_size, max_new_tokens, progress and rank == 0)
+    for r, a in zip(rows, answers):
+        r.update(answer=a, exact=a == r["ref"], normalized=normalize_answer(a) == normalize_answer(r["ref"]))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows = sorted(gather_object(rows), key=lambda r: r["index"])
+    return summarize(rows)
+
+
+def summarize(rows: list[dict]) -> dict:
     per_type = defaultdict(list)
-    for t, e in zip(types, exact):
-        per_type[t].append(e)
+    for r in rows:
+        per_type[r["type"]].append(r)
+    n = max(len(rows), 1)
     return {
-        "n": len(refs),
-        "accuracy": sum(exact) / max(len(refs), 1),
-        "accuracy_normalized": sum(norm) / max(len(refs), 1),
-        "per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
-        "examples": [{"ref": r, "answer": a} for r, a in list(zip(refs, answers))[:10]],
+        "n": len(rows),
+        "accuracy": sum(r["exact"] for r in rows) / n,
+        "accuracy_normalized": sum(r["normalized"] for r in rows) / n,
+        "per_type": {t: sum(r["exact"] for r in v) / len(v) for t, v in sorted(per_type.items())},
+        "per_type_normalized": {t: sum(r["normalized"] for r in v) / len(v) for t, v in sorted(per_type.items())},
+        "examples": [{"ref": r["ref"], "answer": r["answer"]} for r in rows[:10]],
+        "samples": rows,
     }
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One row per evaluated setting (e.g. images / blank images), one column per question type."""
+    types = sorted({t for res in results.values() for t in res["per_type"]})
+    head = "| setting | n | exact | normalized | " + " | ".join(types) + " |"
+    sep = "|" + "---|" * (4 + len(types))
+    lines = [head, sep]
+    for name, res in results.items():
+        cells = [f"{res['per_type'].get(t, float('nan')):.3f}" for t in types]
+        lines.append(f"| {name} | {res['n']} | {res['accuracy']:.3f} | {res['accuracy_normalized']:.3f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, dict], out_dir, stem: str = "eval") -> tuple[str, str]:
+    """<stem>.json (every answer) and <stem>.md (the table) in out_dir."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.md").write_text(markdown_table(results))
+    return str(out / f"{stem}.json"), str(out / f"{stem}.md")

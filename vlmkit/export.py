@@ -268,6 +268,8 @@ def _load(model_or_dir):
 
     if isinstance(model_or_dir, VLM):
         return model_or_dir, None
+    from .model import resolve_model_dir
+
     path = resolve_model_dir(model_or_dir)
     return VLM.from_pretrained(path), path
 
@@ -277,14 +279,6 @@ def _is_llava_dir(path: Path) -> bool:
         return json.loads((path / "config.json").read_text()).get("model_type") == "llava"
     except (OSError, ValueError):
         return False
-
-
-def resolve_model_dir(path) -> Path:
-    """A model folder, or a run folder holding model/ (the final model)."""
-    path = Path(path)
-    if (path / "model" / "config.json").exists():
-        return path / "model"
-    return path
 
 
 def export_llava(model_or_dir, out_dir, template: str | None = None) -> Path:

@@ -33,6 +33,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def resolve_model_dir(path) -> Path:
+    """A model folder, or a run folder holding its final model under model/."""
+    path = Path(path)
+    return path / "model" if (path / "model" / CONFIG_NAME).exists() else path
+
+
 @dataclass(frozen=True)
 class ImageTokenCounter:
     """The one place that counts placeholders: (width, height) of an image -> tokens it becomes.
