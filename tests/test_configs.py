@@ -3,11 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from vlmkit.config import ConfigError, RunConfig, from_dict, load_config
+from vlmkit.config import ConfigError, RunConfig, from_dict, load_config, load_stages
 from vlmkit.registry import CONNECTORS, ENCODERS, TEMPLATES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+PLANS = sorted((CONFIG_DIR / "plans").glob("*.yaml"))
 
 
 def test_there_are_shipped_configs():
@@ -24,6 +25,16 @@ def test_shipped_config_loads(path):
         assert template in TEMPLATES
     for s in cfg.stages:
         assert s.global_batch_size % s.per_device_batch_size == 0 and s.data.path
+
+
+@pytest.mark.parametrize("path", PLANS, ids=[p.name for p in PLANS])
+def test_shipped_stage_plan_loads(path):
+    """Plans for models that already exist: stages (data paths given on the command line) and train."""
+    stages, train = load_stages(path)
+    assert stages and train.output_dir
+    for s in stages:
+        assert any(p.trains for p in s.train.values())
+        assert all(p.lr is None or 0 < p.lr < 1 for p in s.train.values())
 
 
 MINIMAL = {

@@ -44,8 +44,12 @@ class EncoderConfig:
     image_mean: list[float] | None = None
     """Normalisation; None: the checkpoint's preprocessor_config.json, else the family's default."""
     image_std: list[float] | None = None
+    trust_remote_code: bool = False
+    """Let transformers run Python code shipped with a hub checkpoint (never on unless asked)."""
 
     def __post_init__(self):
+        if not isinstance(self.trust_remote_code, bool):
+            raise ConfigError(f"encoder.trust_remote_code must be true or false, got {self.trust_remote_code!r}")
         if self.path is None and self.config is None:
             raise ConfigError("encoder: give `path` (hub id or local dir) or `config` (random weights)")
         if self.image_aspect not in ("pad", "resize"):
@@ -60,6 +64,39 @@ class ConnectorConfig:
     """Keyword arguments of the connector's constructor."""
 
 
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class QuantizationConfig:
+    """4-bit base weights for QLoRA (bitsandbytes; needs a CUDA GPU). Passed to transformers as a
+    BitsAndBytesConfig. A quantized LLM can only be frozen or trained through LoRA adapters."""
+
+    load_in_4bit: bool = True
+    """Only 4-bit (QLoRA) is supported."""
+    quant_type: str = "nf4"
+    """nf4 (QLoRA's NormalFloat) | fp4."""
+    compute_dtype: str = "bfloat16"
+    """dtype the 4-bit weights are dequantized to for each matmul: bfloat16 | float16 | float32."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit/param saved)."""
+
+    def __post_init__(self):
+        for key in ("load_in_4bit", "double_quant"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"llm.quantization.{key} must be true or false, got {getattr(self, key)!r}")
+        if not self.load_in_4bit:
+            raise ConfigError("llm.quantization: only load_in_4bit: true is supported (QLoRA); "
+                              "drop `quantization` for full precision")
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"llm.quantization.quant_type must be one of {', '.join(QUANT_TYPES)}, "
+                              f"got {self.quant_type!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"llm.quantization.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                              f"got {self.compute_dtype!r}")
+
+
 @dataclass
 class LLMConfig:
     path: str | None = None
@@ -71,8 +108,17 @@ class LLMConfig:
     image_token: str = "<image>"
     """Placeholder token added once to the tokenizer."""
     attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    """Let transformers run Python code shipped with the checkpoint / tokenizer (never on unless asked)."""
+    quantization: QuantizationConfig | None = None
+    """None: weights in the model's dtype. A mapping (QuantizationConfig): 4-bit base weights (QLoRA),
+    e.g. {load_in_4bit: true, quant_type: nf4, compute_dtype: bfloat16, double_quant: true}."""
 
     def __post_init__(self):
+        if isinstance(self.quantization, dict):
+            self.quantization = from_dict(QuantizationConfig, self.quantization, "llm.quantization")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ConfigError(f"llm.trust_remote_code must be true or false, got {self.trust_remote_code!r}")
         if self.path is None and self.config is None:
             raise ConfigError("llm: give `path` (hub id or local dir) or `config` (random weights)")
         if self.path is None and self.tokenizer is None:
@@ -251,7 +297,34 @@ class TrainConfig:
     log_with: str | None = "tensorboard"
     log_every: int = 10
     save_steps: int = 0
-    """Save a checkpoint every N optimizer steps (0: only at the end of each stage)."""
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end of each stage)."""
+    keep_checkpoints: int = 2
+    """How many of a stage's newest checkpoints to keep (older ones are deleted after a save succeeds)."""
+    resume: str = "auto"
+    """auto: continue from output_dir's last checkpoint / finished stage when there is one, else start;
+    latest: the same, but an error when there is nothing to resume; never: start over (the old
+    checkpoints, logs and stage markers under output_dir are removed); or a checkpoint folder's path."""
+    log_samples: bool = False
+    """Also write output_dir/samples.jsonl: the sample ids of every optimizer step (all processes)."""
+
+    def __post_init__(self):
+        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints must be an integer >= 1, got {self.keep_checkpoints!r}")
+        if self.resume is True or self.resume is False:  # YAML true / false
+            self.resume = "latest" if self.resume else "never"
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ConfigError(f"train.resume must be auto, latest, never or a checkpoint path, got {self.resume!r}")
+
+
+def add_resume_args(parser) -> None:
+    """--resume [CHECKPOINT] / --no-resume on a training command line (default: TrainConfig.resume)."""
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from output_dir's last checkpoint or finished stage (an error if there is none), "
+                        "or from the CHECKPOINT folder given. Without any flag a run continues when output_dir "
+                        "holds one (train.resume: auto)")
+    g.add_argument("--no-resume", dest="resume", action="store_const", const="never",
+                   help="start over: the checkpoints, logs and stage markers in output_dir are removed")
 
 
 @dataclass
@@ -308,6 +381,26 @@ def _convert(tp, value, where):
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+@dataclass
+class PlanConfig:
+    """A stage plan without a model: for fine-tuning a model that already exists."""
+
+    stages: list[StageConfig]
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_stages(path: str | Path) -> tuple[list[StageConfig], TrainConfig]:
+    """`stages:` (and optionally `train:`) of a plan file; a full run config's model section is ignored."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    data = {k: v for k, v in data.items() if k in ("stages", "train")}
+    try:
+        plan = from_dict(PlanConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return plan.stages, plan.train
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -1,0 +1,110 @@
+"""LoRA fine-tune of an existing vlmkit model on your own LLaVA-format data.
+
+    accelerate launch recipes/lora_finetune.py --model runs/llava15/model --data my.json [--image-folder imgs/]
+        [--eval-data my_eval.json] [--config recipes/configs/plans/lora_finetune.yaml] [--output-dir runs/lora]
+    accelerate launch recipes/lora_finetune.py      # the demo: teach the llava15 demo model a new question type
+
+The stage plan (which parts get adapters, ranks, learning rates) comes from the config; the
+base weights stay untouched: the output holds them plus the adapters in peft's layout under
+adapters/<component>/, and `vlmkit export` merges them. The demo needs runs/llava15/model
+(run `accelerate launch recipes/llava15.py` first).
+"""
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from vlmkit.config import RunConfig, load_stages  # noqa: E402
+from vlmkit.model import VLM, resolve_model_dir  # noqa: E402
+from vlmkit.train import make_accelerator, run  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+NEW_TYPE = "count_color"  # "How many red shapes are there?": never asked in the llava15 demo
+
+
+def make_new_type_data(out: Path, n_train: int, n_eval: int, size: int, seed: int = 1) -> tuple[str, str]:
+    """Fresh scenes with a question type the base model never saw; words all in the demo's vocabulary."""
+    from vlmkit.data.demo import NUMBERS, draw_scene
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    splits = {"train": [], "eval": []}
+    for i in range(n_train + n_eval):
+        im, objs = draw_scene(rng, size)
+        name = f"images/{i:06d}.png"
+        im.save(out / name)
+        colors = sorted({o["color"] for o in objs})
+        split = "train" if i < n_train else "eval"
+        for color in (colors if split == "train" else [rng.choice(colors)]):
+            n = sum(o["color"] == color for o in objs)
+            splits[split].append({"id": f"{split}{i}-{color}", "type": NEW_TYPE, "image": name, "conversations": [
+                {"from": "human", "value": f"<image>\nHow many {color} shapes are there?"},
+                {"from": "gpt", "value": NUMBERS[n]}]})
+    paths = []
+    for split, recs in splits.items():
+        (out / f"{split}.json").write_text(json.dumps(recs))
+        paths.append(str(out / f"{split}.json"))
+    return tuple(paths)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a vlmkit model (or run) folder; default: the llava15 demo's")
+    ap.add_argument("--data", default=None, help="LLaVA-format JSON/JSONL or HF dataset to fine-tune on")
+    ap.add_argument("--image-folder", default="")
+    ap.add_argument("--eval-data", default=None, help="held-out questions with reference answers")
+    ap.add_argument("--config", default=None, help="stage plan YAML (`stages:` and `train:`)")
+    ap.add_argument("--output-dir", default=None)
+    ap.add_argument("--cpu", action="store_true")
+    args = ap.parse_args(argv)
+
+    demo = args.data is None
+    cfg_path = args.config or HERE / "configs" / "plans" / ("lora_finetune_demo.yaml" if demo else "lora_finetune.yaml")
+    stages, train = load_stages(cfg_path)
+    if args.output_dir:
+        train.output_dir = args.output_dir
+    out = Path(train.output_dir)
+    base_dir = resolve_model_dir(args.model or "runs/llava15/model")
+    if not (base_dir / "config.json").exists():
+        sys.exit(f"no vlmkit model at {base_dir}" + ("; run `accelerate launch recipes/llava15.py` first" if demo else ""))
+    accelerator = make_accelerator(train, cpu=args.cpu)
+    model = VLM.from_pretrained(base_dir)
+    t0 = time.perf_counter()
+    data, eval_data = args.data, args.eval_data
+    if demo:
+        if accelerator.is_main_process:
+            make_new_type_data(out / "data", 1500, 120, model.encoder.image_size)
+        accelerator.wait_for_everyone()
+        data, eval_data = str(out / "data" / "train.json"), str(out / "data" / "eval.json")
+    for s in stages:
+        s.data.path = s.data.path or data
+        s.data.image_folder = s.data.image_folder or args.image_folder
+    from vlmkit.evaluate import evaluate
+
+    before = evaluate(model, eval_data, args.image_folder, progress=False) if eval_data and accelerator.is_main_process else None
+    model, accelerator, stage_metrics = run(RunConfig(model=model.config, stages=stages, train=train), model=model,
+                                            accelerator=accelerator)
+    if not accelerator.is_main_process:
+        return
+    metrics = {"base_model": str(base_dir), "stages": stage_metrics,
+               "train_samples_per_second": sum(m["samples"] for m in stage_metrics) / sum(m["seconds"] for m in stage_metrics),
+               "wall_seconds": round(time.perf_counter() - t0, 1)}
+    if eval_data:
+        after = evaluate(model, eval_data, args.image_folder, progress=False)
+        metrics.update(eval_accuracy_before=before["accuracy"], eval_accuracy=after["accuracy"],
+                       eval_examples=after["examples"])
+    if demo:  # the base model's own questions: what the adapters left intact
+        base_eval = base_dir.parent / "data" / "eval.json"
+        if base_eval.exists():
+            metrics["base_task_accuracy_after"] = evaluate(model, str(base_eval), progress=False)["accuracy"]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("stages", "eval_examples")}))
+    print(f"model (base + adapters): {out / 'model'}  metrics: {out / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    main()
