@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vlmkit.config import load_config  # noqa: E402
+from vlmkit.config import add_resume_args, load_config  # noqa: E402
 from vlmkit.train import make_accelerator, run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -34,12 +34,15 @@ def main(argv=None):
     ap.add_argument("--output-dir", default=None, help="override train.output_dir")
     ap.add_argument("--cpu", action="store_true", help="force CPU (e.g. a 2-process gloo run)")
     ap.add_argument("--demo-train-images", type=int, default=3000)
+    add_resume_args(ap)
     args = ap.parse_args(argv)
 
     demo = args.config is None
     cfg = load_config(args.config or HERE / "configs" / "llava15_demo.yaml")
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
+    if args.resume:
+        cfg.train.resume = args.resume
     out = Path(cfg.train.output_dir)
     if demo:  # rewrite the demo's paths under the chosen output dir
         for s in cfg.stages:

@@ -22,6 +22,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config)
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
+    if args.resume:
+        cfg.train.resume = args.resume
     run(cfg, cpu=args.cpu)
     return 0
 
@@ -111,6 +113,9 @@ def main(argv=None) -> int:
     t.add_argument("config")
     t.add_argument("--output-dir")
     t.add_argument("--cpu", action="store_true")
+    from .config import add_resume_args
+
+    add_resume_args(t)
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="accuracy on a LLaVA-format file or HF dataset with reference answers")

@@ -178,7 +178,7 @@ def _config_from_dict(d: dict, default_type: str) -> PretrainedConfig:
 def encoder_hf_config(cfg: EncoderConfig) -> PretrainedConfig:
     """The vision model's transformers config (hub id / local dir, or the inline dict); reads no weights."""
     if cfg.path:
-        hf_cfg = _vision_config(AutoConfig.from_pretrained(cfg.path))
+        hf_cfg = _vision_config(AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code))
         for k, v in (cfg.config or {}).items():
             setattr(hf_cfg, k, v)
         return hf_cfg
@@ -199,5 +199,6 @@ def encoder_geometry(cfg: EncoderConfig) -> EncoderGeometry:
 def build_encoder(cfg: EncoderConfig) -> VisionEncoder:
     """From a hub id / local dir (`cfg.path`) or from a config with random weights."""
     hf_cfg = encoder_hf_config(cfg)
-    model = AutoModel.from_pretrained(cfg.path, config=hf_cfg) if cfg.path else AutoModel.from_config(hf_cfg)
+    model = (AutoModel.from_pretrained(cfg.path, config=hf_cfg, trust_remote_code=cfg.trust_remote_code) if cfg.path
+             else AutoModel.from_config(hf_cfg, trust_remote_code=cfg.trust_remote_code))
     return VisionEncoder(cfg.name, model, cfg.feature_layer, cfg.image_size, *_stats(cfg))

@@ -26,7 +26,7 @@ from .data.images import ImageTransform
 from .data.processor import Processor
 from .encoders import VisionEncoder, build_encoder, encoder_geometry
 from .highres import TileSpec
-from .llm import add_image_token, build_llm, load_tokenizer
+from .llm import add_image_token, build_llm, load_tokenizer, prepare_quantized
 from .registry import CONNECTORS
 
 CONFIG_NAME = "config.json"
@@ -93,7 +93,8 @@ def build_processor(config: ModelConfig, template: str | None = None, tokenizer=
     the tokenizer, the encoder's transformers config (AutoConfig, no weights) and the connector's
     token count are read. Seconds instead of minutes for a 7B model (`vlmkit check-data`)."""
     if tokenizer is None:
-        tokenizer = load_tokenizer(config.llm.tokenizer or config.llm.path, config.llm.image_token)
+        tokenizer = load_tokenizer(config.llm.tokenizer or config.llm.path, config.llm.image_token,
+                                   trust_remote_code=config.llm.trust_remote_code)
     geo = encoder_geometry(config.encoder)
     counter = ImageTokenCounter.for_config(geo.grid, config.connector, config.tiling, geo.image_size)
     return make_processor(config, tokenizer, geo, counter, template)
@@ -108,6 +109,20 @@ def load_processor(path: str | os.PathLike, template: str | None = None) -> Proc
         config = from_dict(ModelConfig, json.load(f)["model"], "model")
     config.llm.tokenizer = str(path)
     return build_processor(config, template)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (new files, renames) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class VLM(nn.Module):
@@ -169,13 +184,16 @@ class VLM(nn.Module):
     def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> VLM:
         """Pretrained parts from hub ids / local dirs, random ones from their configs."""
         encoder = build_encoder(config.encoder)
-        tokenizer = load_tokenizer(config.llm.tokenizer or config.llm.path, config.llm.image_token)
+        tokenizer = load_tokenizer(config.llm.tokenizer or config.llm.path, config.llm.image_token,
+                                   trust_remote_code=config.llm.trust_remote_code)
         llm = build_llm(config.llm, tokenizer, dtype)
         connector = CONNECTORS.get(config.connector.name)(encoder.out_dim, llm.config.hidden_size,
                                                           **config.connector.options)
         model = cls(config, encoder, connector, llm, tokenizer)
         if dtype is not None:
             model.to(dtype)
+        if config.llm.quantization is not None:  # after the cast: its norms stay fp32
+            prepare_quantized(model.llm)
         return model
 
     @classmethod
@@ -188,7 +206,7 @@ class VLM(nn.Module):
             saved = json.load(f)
         config = from_dict(ModelConfig, saved["model"], "model")
         config.llm.tokenizer = str(path)
-        tokenizer = load_tokenizer(str(path), config.llm.image_token)
+        tokenizer = load_tokenizer(str(path), config.llm.image_token, trust_remote_code=config.llm.trust_remote_code)
         with init_empty_weights(include_buffers=False):
             encoder = build_encoder(config.encoder)
             llm = build_llm(config.llm, tokenizer)
@@ -216,8 +234,56 @@ class VLM(nn.Module):
             model.to(dtype)
         return model
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write config, weights and tokenizer to a temporary folder, then move it into place."""
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load the weights (and LoRA adapters) of a folder written by `save_pretrained` into this model,
+        in place: how a run resumes from a checkpoint or a finished stage. Adapters saved there and not
+        yet on the model are added with their saved LoRA config. 4-bit (bitsandbytes) base weights are
+        frozen and stay as loaded (the folder holds them dequantized)."""
+        from peft import LoraConfig, set_peft_model_state_dict
+
+        from .config import ComponentPlan
+
+        path = Path(path)
+        with open(path / CONFIG_NAME) as f:
+            saved = json.load(f)
+        extra = set(self.adapters) - set(saved.get("adapters", {}))
+        if extra:
+            raise ValueError(f"{path}: the model has LoRA adapters on {sorted(extra)}, the folder has none there")
+        for name, sub in saved.get("adapters", {}).items():
+            state = {k.removeprefix("base_model."): v
+                     for k, v in load_file(str(path / sub / "adapter_model.safetensors")).items()}
+            if name in self.adapters:
+                res = set_peft_model_state_dict(self.adapters[name], state)
+                if res.unexpected_keys:
+                    raise ValueError(f"{path}: {name} adapter: unexpected keys {res.unexpected_keys[:5]}")
+            else:
+                lc = LoraConfig.from_pretrained(str(path / sub))
+                self.add_lora(name, ComponentPlan(mode="lora", r=lc.r, alpha=lc.lora_alpha, dropout=lc.lora_dropout,
+                                                  target_modules=sorted(lc.target_modules)), state)
+        own = self.state_dict(keep_vars=True)
+        plain = {k.replace(".base_layer.", "."): k for k in own if "lora_" not in k}  # saved name -> own name
+        quant = {f"{n}.weight".replace(".base_layer.", ".") for n, m in self.named_modules()
+                 if type(getattr(m, "weight", None)).__name__ == "Params4bit"}
+        state = load_file(str(path / WEIGHTS_NAME))
+        unexpected = [k for k in state if k not in plain and k not in quant]
+        mapped = {plain[k]: v for k, v in state.items() if k in plain and k not in quant}
+        loaded = {own[k].data_ptr() for k in mapped}
+        missing = [k for k in plain.values() if k not in mapped and own[k].data_ptr() not in loaded  # tied
+                   and not any(k.replace(".base_layer.", ".").startswith(q) for q in quant)]
+        if unexpected or missing:
+            raise ValueError(f"{path / WEIGHTS_NAME}: weights do not match this model "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        with torch.no_grad():
+            for k, v in mapped.items():
+                own[k].copy_(v)
+
+    def save_pretrained(self, path: str | os.PathLike, extra_files: dict | None = None) -> None:
+        """Write config, weights and tokenizer to a temporary folder, fsync it, then move it into place.
+
+        `extra_files`: file name -> function writing that file (given its path) into the temporary folder,
+        so that it appears together with the model or not at all (a training checkpoint's state).
+        A crash midway leaves only a `.<name>.*` temporary folder, which readers ignore.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -227,7 +293,9 @@ class VLM(nn.Module):
                 self.config,
                 encoder=replace(self.config.encoder, path=None, config=enc.model.config.to_dict(),
                                 image_size=enc.image_size, image_mean=list(enc.mean), image_std=list(enc.std)),
-                llm=replace(self.config.llm, path=None, tokenizer=".", config=self.llm.config.to_dict()),
+                # a 4-bit LLM is saved dequantized (see _state_to_save): the folder holds a plain model
+                llm=replace(self.config.llm, path=None, tokenizer=".", quantization=None,
+                            config={k: v for k, v in self.llm.config.to_dict().items() if k != "quantization_config"}),
             )
             adapters = {}
             for name, lora in self.adapters.items():
@@ -244,10 +312,13 @@ class VLM(nn.Module):
                 json.dump({"vlmkit_version": __version__, "model": to_dict(cfg), "adapters": adapters}, f, indent=2)
             save_file(self._state_to_save(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             self.tokenizer.save_pretrained(str(tmp))
+            for name, write in (extra_files or {}).items():
+                write(tmp / name)
             for f in tmp.rglob("*"):
                 if f.is_file():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
+            fsync_dir(tmp)
             if path.exists():
                 old = path.with_name(f".{path.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -256,14 +327,23 @@ class VLM(nn.Module):
                 shutil.rmtree(old)
             else:
                 tmp.rename(path)
+            fsync_dir(path.parent)  # the rename itself survives a power loss
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def _state_to_save(self) -> dict[str, torch.Tensor]:
         """All weights once: a tied target (lm_head sharing embed_tokens) is left out and re-tied on load."""
+        state = self.state_dict()
+        for name, m in self.named_modules():  # bitsandbytes 4-bit weights: saved dequantized (compute dtype)
+            w = getattr(m, "weight", None)
+            if type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None:
+                from bitsandbytes.functional import dequantize_4bit
+
+                state = {k: v for k, v in state.items() if not k.startswith(f"{name}.weight.")}
+                state[f"{name}.weight"] = dequantize_4bit(w.data, w.quant_state).to(w.quant_state.dtype)
         # LoRA-wrapped layers keep their base weight as `<layer>.base_layer.weight`: save the plain names
-        state = {k.replace(".base_layer.", "."): v for k, v in self.state_dict().items() if "lora_" not in k}
+        state = {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
         tied = getattr(self.llm, "_tied_weights_keys", None) or {}
         for target, source in (tied.items() if isinstance(tied, dict) else ()):
             t, s = state.get(f"llm.{target}"), state.get(f"llm.{source}")

@@ -11,6 +11,7 @@ import re
 from torch import nn
 
 from .config import ComponentPlan, StageConfig
+from .llm import is_quantized
 
 
 def components(model) -> dict[str, nn.Module | nn.Parameter]:
@@ -59,11 +60,18 @@ def validate_plan(model, stage: StageConfig) -> None:
         target = comps[name]
         if plan.mode in ("lora", "partial") and isinstance(target, nn.Parameter):
             raise ValueError(f"stage {stage.name!r}: {name} is a single tensor; use full or frozen")
+        _check_not_quantized(name, target, plan)
         if plan.mode == "partial":
             partial_blocks(model, name, plan.layers)
         if plan.mode == "lora" and name not in model.adapters and not lora_targets(target, plan.target_modules):
             raise ValueError(f"stage {stage.name!r}: {name}: LoRA target_modules {plan.target_modules!r} match no "
                              f"Linear layer of {type(target).__name__}")
+
+
+def _check_not_quantized(name: str, target, plan: ComponentPlan) -> None:
+    if plan.mode in ("full", "partial") and isinstance(target, nn.Module) and is_quantized(target):
+        raise ValueError(f"{name} has 4-bit quantized weights (llm.quantization): it can be frozen or trained "
+                         f"through LoRA adapters (mode: lora), not {plan.mode}")
 
 
 def _params(target) -> list[nn.Parameter]:
@@ -80,6 +88,8 @@ def apply_stage(model, plan: dict[str, ComponentPlan], stage_lr: float | None = 
     unknown = set(plan) - set(components(model))
     if unknown:
         raise ValueError(f"unknown component(s) {sorted(unknown)}; this model has: {', '.join(components(model))}")
+    for name, p in plan.items():
+        _check_not_quantized(name, components(model)[name], p)
     for name, p in plan.items():
         if p.mode == "lora":
             model.add_lora(name, p)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from functools import partial
@@ -11,11 +10,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.data_loader import skip_first_batches
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from . import checkpoint as ckpt
 from .config import RunConfig, StageConfig, TrainConfig
 from .data.dataset import ConversationDataset
 from .data.processor import collate
@@ -30,7 +31,8 @@ def make_accelerator(cfg: TrainConfig, cpu: bool = False) -> Accelerator:
         log_with=cfg.log_with,
         project_dir=cfg.output_dir,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # each epoch's order is a function of (seed, epoch): what makes a resumed run see the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
 
 
@@ -47,22 +49,68 @@ def micro_batching(global_batch: int, per_device: int, world: int, stage: str = 
     return micro, global_batch // (micro * world)
 
 
-def batches_forever(loader):
-    """Cycle the loader, reshuffling (seeded) at each epoch."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class BatchStream:
+    """Endless micro-batches: epoch after epoch of a prepared loader, each epoch reshuffled as a function of
+    (seed, epoch) (accelerate's seedable sampler). `position` is (epoch, batches of it consumed) on this
+    process; a stream started at a position skips exactly those batches, by index (their samples are not
+    loaded), so a resumed run draws the same batches an uninterrupted one would have drawn."""
+
+    def __init__(self, loader, epoch: int = 0, offset: int = 0):
+        if len(loader) == 0:
+            raise ValueError("the data loader yields no batch (empty dataset?)")
+        self.loader, self.epoch, self.offset = loader, epoch, offset
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                if hasattr(self.loader, "set_epoch"):
+                    self.loader.set_epoch(self.epoch)
+                self._it = iter(skip_first_batches(self.loader, self.offset) if self.offset else self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it, self.epoch, self.offset = None, self.epoch + 1, 0
+                continue
+            self.offset += 1
+            return batch
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.epoch + 1, 0) if self.offset >= len(self.loader) else (self.epoch, self.offset)
+
+
+def draw_window(stream: BatchStream, accum: int, skipped: list, stage: str, patience: int) -> list[dict]:
+    """The next `accum` micro-batches that hold samples. A micro-batch whose samples were all skipped
+    (on_bad_sample: skip) is replaced by the next one, so every process still makes exactly `accum`
+    forward passes per step; its skipped samples are recorded in `skipped`."""
+    window, empty = [], 0
+    while len(window) < accum:
+        b = next(stream)
+        skipped += b.get("skipped", [])
+        if "input_ids" in b:
+            window.append(b)
+            empty = 0
+            continue
+        empty += 1
+        if empty > patience:
+            raise RuntimeError(f"stage {stage}: {empty} micro-batches in a row had every sample skipped (a whole "
+                               f"epoch): no usable data. First skipped: {skipped[:3]}")
+    return window
 
 
 def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, log_dir: Path,
-                step_offset: int = 0, log_every: int = 10, save_steps: int = 0) -> dict:
+                step_offset: int = 0, log_every: int = 10, save_steps: int = 0, keep: int = 2,
+                resume: dict | None = None, log_samples: bool = False) -> dict:
     """Train `model` for one stage of the plan on `dataset`; returns the stage's metrics.
 
-    With `save_steps`, the model is saved every that many optimizer steps under
-    log_dir/checkpoints/<stage>/checkpoint-<step>/ (safetensors + config + tokenizer), the last two kept.
+    With `save_steps`, a resumable checkpoint (model, optimizer, scheduler, RNG states, data position;
+    see vlmkit.checkpoint) is saved every that many optimizer steps under
+    log_dir/checkpoints/<stage>/checkpoint-<step>/, the newest `keep` kept. `resume`: {"dir", "state"} of
+    such a checkpoint, whose weights the model already holds: the stage continues after its step.
     """
     raw = accelerator.unwrap_model(model)
     rows = apply_stage(raw, stage.train, stage.lr)
@@ -76,7 +124,8 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     per_step = micro * world
     accelerator.print(f"global batch {stage.global_batch_size} = {micro} per device x {world} process(es) "
                       f"x {accum} accumulation step(s)")
-    loader = DataLoader(dataset, batch_size=micro, shuffle=True,
+    # the loader's own generator: loading data never draws from (or disturbs) the global torch RNG
+    loader = DataLoader(dataset, batch_size=micro, shuffle=True, generator=torch.Generator(),
                         num_workers=stage.data.num_workers, persistent_workers=stage.data.num_workers > 0,
                         collate_fn=partial(collate, pad_id=raw.tokenizer.pad_token_id))
     n_batches = math.ceil(len(dataset) / per_step)
@@ -85,26 +134,39 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     opt = torch.optim.AdamW(param_groups(raw, stage), lr=stage.lr, betas=(0.9, 0.999),
                             fused=accelerator.device.type == "cuda")
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(stage.warmup_ratio * total), total)
+    shape = {"stage": stage.name, "total": total, "world_size": world, "micro_batch": micro, "accum": accum,
+             "samples": len(dataset)}
+    state = resume["state"] if resume else None
+    if state is not None:
+        diff = {k: (state.get(k), v) for k, v in shape.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(f"resume: {resume['dir']} was written by a run with a different "
+                             + ", ".join(f"{k} ({was} then, {now} now)" for k, (was, now) in diff.items())
+                             + ": resume with the same settings, or start over (--no-resume / train.resume: never, "
+                               "or another output_dir)")
+        opt.load_state_dict(ckpt.load_optimizer_state(resume["dir"]))
+        sched.load_state_dict(state["scheduler"])
     accelerator.gradient_accumulation_steps = accum
     model, opt, loader = accelerator.prepare(model, opt, loader)
     accelerator.step = 0
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
-    stream = batches_forever(loader)
-    bar = tqdm(total=total, desc=stage.name, disable=not accelerator.is_local_main_process, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 15)
-    log_path = log_dir / "log.jsonl"
-    skipped: list[dict] = []
-    seen = tokens = 0
-    t0 = time.perf_counter()
+    rank = accelerator.process_index
+    stream = BatchStream(loader, *(state["positions"][rank] if state else (0, 0)))
+    start = state["step"] if state else 0
+    skipped: list[dict] = list(state["skipped"]) if state else []
+    seen, tokens = (state["seen"], state["tokens"]) if state else (0, 0)
+    last_good = resume["dir"] if resume else None
+    if state is not None:  # last: nothing above may draw from the restored generators
+        ckpt.set_rng_state(ckpt.load_rng_state(resume["dir"], rank))
+    bar = tqdm(total=total, initial=start, desc=stage.name, disable=not accelerator.is_local_main_process,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
+    log_path, samples_path = log_dir / "log.jsonl", log_dir / "samples.jsonl"
+    t0 = time.perf_counter() - (state["seconds"] if state else 0.0)
     last = {}
-    for step in range(1, total + 1):
-        window = [next(stream) for _ in range(accum)]
-        for b in window:
-            skipped += b.get("skipped", [])
-            if "input_ids" not in b:
-                raise RuntimeError(f"stage {stage.name}: every sample of a micro-batch was skipped: {b['skipped']}")
+    for step in range(start + 1, total + 1):
+        window = draw_window(stream, accum, skipped, stage.name, len(loader))
         local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
         n_items = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
         loss_sum = torch.zeros((), device=accelerator.device)
@@ -114,16 +176,19 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
                 # accelerate divides by the accumulation steps and DDP averages over processes:
                 # undo both so the update is the token mean over the whole global batch
                 accelerator.backward(loss * accum * world)
-                if accelerator.sync_gradients and stage.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-        sched.step()
         step_loss = float(accelerator.reduce(loss_sum, "sum"))
+        ids = [i for b in window for i in b["ids"]]
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"stage {stage.name}: loss is {step_loss} at step {step} "
-                                     f"(samples {[i for b in window for i in b['ids']]})")
+            numerical_fault(accelerator, stage.name, step, f"the loss is {step_loss}", ids, last_good)
+        if stage.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+            if not math.isfinite(float(grad_norm)) and accelerator.scaler is None:  # fp16's scaler skips such steps
+                numerical_fault(accelerator, stage.name, step, f"the gradient norm is {float(grad_norm)}", ids,
+                                last_good)
+        opt.step()  # the loss was checked first: a NaN never reaches the weights
+        opt.zero_grad(set_to_none=True)
+        sched.step()
         seen += sum(len(b["ids"]) for b in window) * world
         tokens += int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in window),
                                                       device=accelerator.device), "sum"))
@@ -139,8 +204,20 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"stage": stage.name, "step": step, **last}) + "\n")
+        if log_samples:
+            all_ids = gather_object([ids])  # [per process]
+            if accelerator.is_main_process:
+                with open(samples_path, "a") as f:
+                    f.write(json.dumps({"stage": stage.name, "step": step, "ids": all_ids}) + "\n")
         if save_steps and step % save_steps == 0 and step < total:
-            save_checkpoint(accelerator, model, log_dir / "checkpoints" / stage.name / f"checkpoint-{step}", keep=2)
+            per_rank = gather_object([{"position": list(stream.position), "rng": ckpt.rng_state()}])
+            epoch, offset = per_rank[0]["position"]
+            st = {"format": ckpt.FORMAT, **shape, "step": step, "epoch": epoch, "offset": offset,
+                  "positions": [r["position"] for r in per_rank], "done": False,
+                  "scheduler": sched.state_dict(), "skipped": skipped,
+                  "seen": seen, "tokens": tokens, "seconds": time.perf_counter() - t0}
+            last_good = save_checkpoint(accelerator, model, log_dir / "checkpoints" / stage.name / f"checkpoint-{step}",
+                                        keep=keep, optimizer=opt, state=st, rng=[r["rng"] for r in per_rank])
     bar.close()
     dt = time.perf_counter() - t0
     accelerator.wait_for_everyone()
@@ -151,22 +228,44 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
             "final_loss": last.get("loss"), "skipped": skipped}
 
 
-def save_checkpoint(accelerator: Accelerator, model, path: Path, keep: int = 2) -> None:
-    """Save the model (written to a temporary folder, then renamed); keep the newest `keep` checkpoints."""
+def numerical_fault(accelerator: Accelerator, stage: str, step: int, what: str, ids: list, last_good) -> None:
+    """Stop the run on a NaN / inf before the optimizer applies it, naming the step and its samples."""
+    all_ids = [i for part in gather_object([ids]) for i in part]
+    keep = (f"The last good checkpoint, {last_good}, is kept intact; rerunning the same command continues "
+            f"from it (change the cause first: learning rate, data, precision)." if last_good else
+            "No checkpoint of this stage was saved yet (train.save_steps); rerunning the same command restarts "
+            "the stage from its start.")
+    raise FloatingPointError(f"stage {stage}: {what} at step {step} (samples {all_ids}); the weights were not "
+                             f"updated with this step. {keep}")
+
+
+def save_checkpoint(accelerator: Accelerator, model, path: Path, keep: int = 2, optimizer=None,
+                    state: dict | None = None, rng: list | None = None) -> Path:
+    """Save the model (+ optimizer state, trainer_state.json, RNG states when given) to a temporary folder,
+    fsync, rename to `path`; then delete all but the newest `keep` checkpoints. A crash midway leaves the
+    previous checkpoints whole and no partial `checkpoint-*` folder."""
     accelerator.wait_for_everyone()
+    extra = {}
+    if optimizer is not None:
+        extra[ckpt.OPTIMIZER_NAME] = ckpt.torch_writer(optimizer.state_dict())
+    if state is not None:
+        extra[ckpt.STATE_NAME] = ckpt.json_writer(state)
+    if rng is not None:
+        extra[ckpt.RNG_NAME] = ckpt.json_writer(rng, indent=None)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path)
-        ckpts = sorted(path.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[:-keep]:
-            shutil.rmtree(old)
+        accelerator.unwrap_model(model).save_pretrained(path, extra_files=extra)
+        ckpt.prune(path.parent, keep)
     accelerator.wait_for_everyone()
+    return path
 
 
 def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu: bool = False) -> tuple:
     """Every stage of the plan in order, each starting from the previous one's weights.
 
-    Saves each stage's model under output_dir/<stage name>/ and the final one under
-    output_dir/model/. Returns (model, accelerator, metrics per stage).
+    Saves each stage's model under output_dir/<stage name>/ and the final one under output_dir/model/.
+    A run stopped midway continues where it stopped (train.resume, default auto): finished stages are
+    not run again (the last one's model is loaded), a stage with a checkpoint continues after it with
+    the same optimizer, scheduler, RNG and data position. Returns (model, accelerator, metrics per stage).
     """
     from .model import VLM
 
@@ -174,34 +273,74 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in cfg.stages]
+    if accelerator.is_main_process:
+        ckpt.clean_temporaries(out, names)
+        if cfg.train.resume == "never":
+            ckpt.forget(out, names)
+    accelerator.wait_for_everyone()
+    point = ckpt.find_resume(out, names, cfg.train.resume)
     if cfg.train.log_with:
         accelerator.init_trackers("vlmkit")
     model = model if model is not None else VLM.from_config(cfg.model)
     for stage in cfg.stages:  # every plan checked before any training starts
         validate_plan(accelerator.unwrap_model(model), stage)
+    if point is not None:
+        accelerator.print(point.describe(names, out))
+    if accelerator.is_main_process:  # records past the resume point (or of a start that saved nothing) go
+        for log in ("log.jsonl", "samples.jsonl"):
+            ckpt.truncate_log(out / log, names, point.stage_index if point else 0, point.step if point else 0)
+    accelerator.wait_for_everyone()
     metrics = []
     step_offset = 0
-    for stage in cfg.stages:
+    for i, stage in enumerate(cfg.stages):
         raw = accelerator.unwrap_model(model)
+        if point is not None and i < point.stage_index:  # finished before: not run again
+            m = _read_metrics(out / stage.name, stage.name)
+            step_offset += m.get("steps", 0)
+            metrics.append(m)
+            continue
+        resume = None
+        if point is not None and i == point.stage_index:
+            if point.checkpoint is not None:
+                raw.load_weights(point.checkpoint)
+                resume = {"dir": point.checkpoint, "state": point.state}
+            else:  # the stage starts from the previous one's model, with the RNG where that one ended
+                raw.load_weights(point.boundary_dir)
+                ckpt.set_rng_state(ckpt.load_rng_state(point.boundary_dir, accelerator.process_index))
         data = stage.data
         dataset = ConversationDataset(data.path, raw.processor(), data.image_folder, data.template,
                                       data.max_length, data.on_bad_sample, data.max_image_pixels)
         m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every,
-                        cfg.train.save_steps)
+                        cfg.train.save_steps, keep=cfg.train.keep_checkpoints, resume=resume,
+                        log_samples=cfg.train.log_samples)
         model = accelerator.unwrap_model(model)
         step_offset += m["steps"]
         if m["skipped"]:
             accelerator.print(f"stage {stage.name}: skipped {len(m['skipped'])} bad sample(s); "
                               f"first: {m['skipped'][:3]}")
-        if accelerator.is_main_process:
-            model.save_pretrained(out / stage.name)
-            with open(out / stage.name / "metrics.json", "w") as f:
-                json.dump(m, f, indent=2)
+        final = {"format": ckpt.FORMAT, "stage": stage.name, "step": m["steps"], "done": True}
+        rng = gather_object([ckpt.rng_state()])
+        if accelerator.is_main_process:  # model, metrics and the done marker appear together or not at all
+            model.save_pretrained(out / stage.name, extra_files={ckpt.METRICS_NAME: ckpt.json_writer(m),
+                                                                 ckpt.STATE_NAME: ckpt.json_writer(final),
+                                                                 ckpt.RNG_NAME: ckpt.json_writer(rng, indent=None)})
         accelerator.wait_for_everyone()
         metrics.append(m)
+    if point is not None and point.stage_index >= len(cfg.stages):  # every stage was finished before
+        model = accelerator.unwrap_model(model)
+        model.load_weights(point.boundary_dir)
     if accelerator.is_main_process:
         model.save_pretrained(out / "model")
     accelerator.wait_for_everyone()
     if cfg.train.log_with:
         accelerator.end_training()
     return model, accelerator, metrics
+
+
+def _read_metrics(folder: Path, stage: str) -> dict:
+    try:
+        with open(folder / ckpt.METRICS_NAME) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"stage": stage}

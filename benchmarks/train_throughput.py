@@ -1,0 +1,259 @@
+"""vlmkit's training throughput at the peer baseline's shapes, on the same workload.
+
+The peer (../shared/bench/peer_hf_llava.py) trains transformers' LlavaForConditionalGeneration with a
+plain loop; this script builds the same model as a `vlmkit.VLM` (CLIP ViT-L/14-336, feature layer -2:
+576 tokens, mlp2x_gelu, a Llama-7B / Qwen2-1.5B / Qwen2-0.5B shaped LLM, random bf16 weights, SDPA)
+and runs vlmkit's own training step, as `vlmkit.train.train_stage` runs it:
+`apply_stage` / `param_groups` for the stage plan, `VLM.forward(**batch, num_items=...)` (labels on
+text only), backward, gradient clipping (vlmkit's default max_grad_norm 1.0; 0 turns it off), fused
+AdamW, cosine schedule. Text lengths come from the shared workload (same seed), batches are
+right-padded to their longest sample like the peer's, and the same FLOP formula gives TFLOP/s and MFU.
+
+  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --steps 10
+  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --lora    # LoRA r=64, alpha=128
+  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --qlora   # 4-bit NF4 base + LoRA
+  python3 benchmarks/train_throughput.py --device cpu --llm tiny --batch 2 --steps 2 --warmup 1
+
+Prints one JSON line with the peer's fields (impl "vlmkit"). With --lora / --qlora the LLM's weights
+are frozen, so the FLOPs are counted with the formula's stage-1 branch (LLM forward + input-gradient
+backward; the adapters' own FLOPs are not counted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # vlmkit and connectors from this checkout, installed or not
+BENCH = Path(os.environ.get("VLMKIT_PEER_BENCH", REPO.parent / "shared" / "bench"))
+
+# ---- the shared workload and FLOP formula: imported from the peer's folder when present -------------
+IMAGE_TOKENS = 576
+
+
+def _text_lengths(n, stage=2, seed=0):
+    """A copy of workload.text_lengths (used only when ../shared/bench is absent)."""
+    rng = np.random.default_rng(seed)
+    if stage == 1:
+        x = rng.lognormal(mean=math.log(60), sigma=0.3, size=n)
+        return np.clip(np.rint(x), 16, 128).astype(int).tolist()
+    x = rng.lognormal(mean=math.log(250), sigma=0.8, size=n)
+    return np.clip(np.rint(x), 16, 1472).astype(int).tolist()
+
+
+def _flops_per_sample(cfg, text_len, stage):
+    """A copy of peer_hf_llava.flops_per_sample (used only when ../shared/bench is absent)."""
+    v, t = cfg.vision_config, cfg.text_config
+    T = IMAGE_TOKENS + text_len
+    vt = IMAGE_TOKENS + 1
+    v_lin = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    v_fwd = 2 * v_lin * vt + 4 * v.num_hidden_layers * vt * vt * v.hidden_size
+    kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    l_lin = t.num_hidden_layers * (2 * t.hidden_size**2 + 2 * t.hidden_size * kv
+                                   + 3 * t.hidden_size * t.intermediate_size)
+    l_fwd = 2 * (l_lin + t.hidden_size * t.vocab_size) * T + 2 * t.num_hidden_layers * T * T * t.hidden_size
+    proj = 2 * (v.hidden_size * t.hidden_size + t.hidden_size**2) * IMAGE_TOKENS
+    if stage == 1:
+        return v_fwd + 2 * l_fwd + 3 * proj
+    return v_fwd + 3 * l_fwd + 3 * proj
+
+
+text_lengths, flops_per_sample, SOURCE = _text_lengths, _flops_per_sample, "own copy"
+if (BENCH / "workload.py").exists() and (BENCH / "peer_hf_llava.py").exists():
+    sys.path.insert(0, str(BENCH))
+    from peer_hf_llava import flops_per_sample  # noqa: E402,F811
+    from workload import IMAGE_TOKENS, text_lengths  # noqa: E402,F811
+
+    SOURCE = str(BENCH)
+
+# ---- shapes ------------------------------------------------------------------------------------------
+LLMS = {  # model_type, hidden, intermediate, layers, heads, kv_heads, vocab (the peer's shapes)
+    "7b": ("llama", 4096, 11008, 32, 32, 32, 32064),  # Vicuna-7B / Llama-2-7B
+    "1.5b": ("qwen2", 1536, 8960, 28, 12, 2, 151936),  # Qwen2-1.5B
+    "0.5b": ("qwen2", 896, 4864, 24, 14, 2, 151936),  # Qwen2-0.5B
+    "tiny": ("llama", 64, 128, 2, 2, 2, 1024),  # smoke tests on CPU
+}
+VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+              num_attention_heads=16, image_size=336, patch_size=14)  # CLIP ViT-L/14-336
+TINY_VISION = dict(VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+
+
+def make_tokenizer(out_dir: str) -> str:
+    """A minimal word-level tokenizer trained in-process (no hub access); the ids the benchmark feeds
+    are random, so only its special tokens and the added <image> matter."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a photo of an image", "USER: ASSISTANT: describe it"],
+                            trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(out_dir)
+    return out_dir
+
+
+def build_model(a, device: torch.device, dtype: torch.dtype):
+    from vlmkit import VLM
+    from vlmkit.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, QuantizationConfig
+
+    mt, h, inter, layers, heads, kvh, vocab = LLMS[a.llm]
+    llm_cfg = dict(model_type=mt, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                   num_attention_heads=heads, num_key_value_heads=kvh, vocab_size=vocab,
+                   max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = ModelConfig(
+        encoder=EncoderConfig(name="clip", config=dict(TINY_VISION if a.llm == "tiny" else VISION), feature_layer=-2),
+        connector=ConnectorConfig("mlp2x_gelu"),
+        llm=LLMConfig(config=llm_cfg, tokenizer=make_tokenizer(tempfile.mkdtemp(prefix="vlmkit-bench-tok-")),
+                      attn_implementation=a.attn, quantization=QuantizationConfig() if a.qlora else None),
+    )
+    torch.manual_seed(0)
+    with device:  # weights initialised on the device, as the peer does
+        model = VLM.from_config(cfg, dtype=dtype)
+    return model.to(device)
+
+
+def stage_config(a):
+    from vlmkit.config import ComponentPlan, DataConfig, StageConfig
+
+    plan = {"connector": ComponentPlan(mode="full")}
+    if a.stage == 2:
+        plan["llm"] = (ComponentPlan(mode="lora", r=a.lora_r, alpha=a.lora_alpha, dropout=0.05)
+                       if a.lora or a.qlora else ComponentPlan(mode="full"))
+    return StageConfig(name=f"stage{a.stage}", train=plan, data=DataConfig(path="synthetic"), lr=a.lr,
+                       global_batch_size=a.batch, per_device_batch_size=a.batch, max_grad_norm=a.max_grad_norm,
+                       gradient_checkpointing=a.gc, max_steps=a.warmup + a.steps)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--llm", default="7b", choices=LLMS)
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--fixed-len", type=int, default=0, help="every sample this many text tokens")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--gc", action="store_true", help="gradient checkpointing (VLM.enable_gradient_checkpointing)")
+    p.add_argument("--lora", action="store_true", help="stage 2 with LoRA adapters on the LLM's linear layers")
+    p.add_argument("--qlora", action="store_true", help="--lora on a 4-bit NF4 LLM (bitsandbytes, CUDA)")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lora-alpha", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="vlmkit's default clipping; 0: none")
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--peak", type=float, default=790.0, help="bf16 dense TFLOP/s of the device (MFU)")
+    p.add_argument("--device", default="cuda")
+    a = p.parse_args(argv)
+    if (a.lora or a.qlora) and a.stage != 2:
+        p.error("--lora / --qlora train adapters on the LLM: use --stage 2")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    from transformers import get_cosine_schedule_with_warmup
+
+    from vlmkit.stages import apply_stage, format_table, param_groups, validate_plan
+
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    t_build = time.perf_counter()
+    model = build_model(a, device, dtype)
+    stage = stage_config(a)
+    validate_plan(model, stage)
+    rows = apply_stage(model, stage.train, stage.lr)
+    print(format_table(rows, f"vlmkit {a.llm} {stage.name}"), file=sys.stderr)
+    if stage.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=(0.9, 0.999), fused=cuda)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(stage.warmup_ratio * stage.max_steps), stage.max_steps)
+    params = [q for q in model.parameters() if q.requires_grad]
+    print(f"built in {time.perf_counter() - t_build:.0f}s; workload from {SOURCE}", file=sys.stderr)
+
+    vocab = model.llm.config.vocab_size
+    image_token = model.image_token_id
+    n = (a.warmup + a.steps) * a.batch
+    lens = [a.fixed_len] * n if a.fixed_len else text_lengths(n, a.stage)
+    size = model.encoder.image_size
+    pix = torch.randn(a.batch, 3, size, size, device=device, dtype=dtype)
+
+    def batch(i):  # the peer's batch: BOS, 576 image tokens, text; right-padded to the longest sample
+        ls = lens[i * a.batch:(i + 1) * a.batch]
+        T = IMAGE_TOKENS + max(ls)
+        ids = torch.randint(0, vocab - 2, (a.batch, T), device=device)
+        ids = ids.masked_fill(ids == image_token, image_token + 1)  # random text never hits the placeholder
+        ids[:, 1:1 + IMAGE_TOKENS] = image_token
+        mask = torch.zeros_like(ids)
+        for r, l in enumerate(ls):
+            mask[r, :IMAGE_TOKENS + l] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :1 + IMAGE_TOKENS] = -100
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pix}, ls
+
+    def step(i):  # vlmkit.train.train_stage's step with one micro-batch on one process
+        b, ls = batch(i)
+        n_items = int((b["labels"][:, 1:] != -100).sum())
+        loss = model(**b, num_items=n_items)
+        loss.backward()
+        if stage.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        loss = float(loss.detach())  # train_stage checks every step's loss (a host sync, as there)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {i}")
+        return loss, ls, b["input_ids"].numel()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for i in range(a.warmup):
+        step(i)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    flop_stage = 1 if (a.lora or a.qlora) else a.stage
+    shapes = SimpleNamespace(vision_config=model.encoder.model.config, text_config=model.llm.config)
+    real = padded = flops = 0
+    t0 = time.perf_counter()
+    for i in range(a.warmup, a.warmup + a.steps):
+        loss, ls, numel = step(i)
+        real += sum(IMAGE_TOKENS + l for l in ls)
+        padded += numel
+        flops += sum(flops_per_sample(shapes, l, flop_stage) for l in ls)
+    sync()
+    dt = time.perf_counter() - t0
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process RSS)
+    res = dict(impl="vlmkit", llm=a.llm, stage=a.stage, batch=a.batch, gc=a.gc,
+               lengths="fixed" if a.fixed_len else "workload",
+               samples_s=round(a.steps * a.batch / dt, 2), real_tokens_s=round(real / dt),
+               pad_fraction=round(1 - real / padded, 3), tflops=round(flops / dt / 1e12, 1),
+               mfu=round(flops / dt / 1e12 / a.peak, 3), peak_mem_gib=round(peak, 1),
+               mode="qlora" if a.qlora else "lora" if a.lora else "full", max_grad_norm=a.max_grad_norm,
+               loss=round(loss, 4))
+    print(json.dumps(res), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
