@@ -126,3 +126,49 @@ def test_per_component_learning_rates_and_no_decay_on_norms(fresh):
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == n_trainable
     table = format_table(rows)
     assert "connector" in table and "0.001" in table and "Frozen" in table
+
+
+def test_shipped_plans_validate_against_a_model_they_fit(llm_dir):
+    """LLaVA-1.5, LLaVA-NeXT-style (encoder at a lower rate, image_newline) and InternVL-style
+    (last 12 encoder blocks) plans: each checks out against an AnyRes model deep enough for them."""
+    from pathlib import Path
+
+    from vlmkit import VLM
+    from vlmkit.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, TilingConfig, load_stages
+
+    cfg = ModelConfig(encoder=EncoderConfig(name="clip", config=dict(
+        model_type="clip_vision_model", image_size=16, patch_size=4, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=14, num_attention_heads=2)), connector=ConnectorConfig("mlp2x_gelu"),
+        llm=LLMConfig(path=llm_dir), tiling=TilingConfig("anyres", "(1x1),...,(2x2)"))
+    model = VLM.from_config(cfg)
+    plans = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "plans"
+    for name in ("llava15", "llava_next", "internvl"):
+        stages, _ = load_stages(plans / f"{name}.yaml")
+        for st in stages:
+            validate_plan(model, st)
+            rows = {r["component"]: r for r in apply_stage(model, st.train, st.lr)}
+            groups = param_groups(model, st)
+            assert sum(p.numel() for g in groups for p in g["params"]) == sum(r["trainable"] for r in rows.values())
+    # the last stage applied is InternVL's finetune: 12 of the 13 blocks that feed the features
+    blocks = list(model.encoder.model.encoder.layers)
+    assert [any(p.requires_grad for p in b.parameters()) for b in blocks] == [False] + [True] * 12 + [False]
+    assert {g["lr"] for g in param_groups(model, stages[-1]) if g["name"].startswith("encoder")} == {4e-6}
+
+
+def test_lora_on_the_encoder_trains_and_round_trips(fresh, tmp_path):
+    st = stage({"encoder": {"mode": "lora", "r": 2, "alpha": 4, "dropout": 0.0}, "connector": "full"}, lr=1e-2)
+    before = {k: v.clone() for k, v in fresh.encoder.state_dict().items()}
+    train_steps(fresh, st, steps=2)
+    enc = fresh.encoder.state_dict()
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in enc.items())  # gradients reached the encoder
+    base = {k.replace(".base_layer.", "."): v for k, v in enc.items() if "lora_" not in k}
+    assert base.keys() == before.keys() and all(torch.equal(before[k], base[k]) for k in before)  # untouched
+    fresh.eval()
+    b = batch(fresh, seed=3)
+    ref = fresh.logits(b["input_ids"], b["attention_mask"], b["pixel_values"])
+    fresh.save_pretrained(tmp_path / "m")
+    from vlmkit import VLM
+
+    loaded = VLM.from_pretrained(tmp_path / "m").eval()
+    assert set(loaded.adapters) == {"encoder"}
+    assert torch.equal(loaded.logits(b["input_ids"], b["attention_mask"], b["pixel_values"]), ref)
