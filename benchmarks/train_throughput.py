@@ -13,6 +13,16 @@ right-padded to their longest sample like the peer's, and the same FLOP formula 
   python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --lora    # LoRA r=64, alpha=128
   python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --qlora   # 4-bit NF4 base + LoRA
   python3 benchmarks/train_throughput.py --device cpu --llm tiny --batch 2 --steps 2 --warmup 1
+  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --pack --attn varlen   # packed
+  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --gc-every 2 --pack --attn varlen
+
+--pack packs each step's samples (the same workload samples, so samples/s compares with the peer) with
+vlmkit's collate(pack=True): one row (or rows of --pack-max-tokens), positions restarting per sample,
+attention within each sample (--attn varlen: PyTorch's variable-length flash attention; sdpa / eager /
+flex_attention: transformers' block-diagonal mask). Before timing, the first step's batch is run padded
+and packed without gradients and the relative loss difference is reported as pack_check_rel.
+--gc-every K / --gc-skip N: selective checkpointing (every K-th decoder layer / not the last N).
+--compile: torch.compile each LLM decoder layer (dynamic shapes).
 
 Prints one JSON line with the peer's fields (impl "vlmkit"). With --lora / --qlora the LLM's weights
 are frozen, so the FLOPs are counted with the formula's stage-1 branch (LLM forward + input-gradient
@@ -130,9 +140,11 @@ def stage_config(a):
     if a.stage == 2:
         plan["llm"] = (ComponentPlan(mode="lora", r=a.lora_r, alpha=a.lora_alpha, dropout=0.05)
                        if a.lora or a.qlora else ComponentPlan(mode="full"))
-    return StageConfig(name=f"stage{a.stage}", train=plan, data=DataConfig(path="synthetic"), lr=a.lr,
+    return StageConfig(name=f"stage{a.stage}", train=plan,
+                       data=DataConfig(path="synthetic", pack=a.pack, pack_max_tokens=a.pack_max_tokens), lr=a.lr,
                        global_batch_size=a.batch, per_device_batch_size=a.batch, max_grad_norm=a.max_grad_norm,
-                       gradient_checkpointing=a.gc, max_steps=a.warmup + a.steps)
+                       gradient_checkpointing=a.gc, gradient_checkpointing_every=a.gc_every,
+                       gradient_checkpointing_skip=a.gc_skip, max_steps=a.warmup + a.steps)
 
 
 def parse_args(argv=None):
@@ -150,12 +162,24 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="vlmkit's default clipping; 0: none")
-    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--attn", default="sdpa", help="sdpa | eager | flex_attention | varlen (vlmkit's, for --pack)")
+    p.add_argument("--pack", action="store_true", help="pack each step's samples into one row (vlmkit collate)")
+    p.add_argument("--pack-max-tokens", type=int, default=0, help="with --pack: most tokens per row (0: one row)")
+    p.add_argument("--gc-every", type=int, default=1, help="with --gc: checkpoint every K-th decoder layer")
+    p.add_argument("--gc-skip", type=int, default=0, help="with --gc: leave the last N decoder layers un-checkpointed")
+    p.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder layer")
+    p.add_argument("--no-pack-check", action="store_true", help="skip the padded-vs-packed loss check")
     p.add_argument("--peak", type=float, default=790.0, help="bf16 dense TFLOP/s of the device (MFU)")
     p.add_argument("--device", default="cuda")
     a = p.parse_args(argv)
     if (a.lora or a.qlora) and a.stage != 2:
         p.error("--lora / --qlora train adapters on the LLM: use --stage 2")
+    if (a.gc_every != 1 or a.gc_skip) and not a.gc:
+        p.error("--gc-every / --gc-skip select which layers --gc checkpoints: add --gc")
+    if a.gc_every < 1 or a.gc_skip < 0 or a.pack_max_tokens < 0:
+        p.error("--gc-every >= 1, --gc-skip >= 0, --pack-max-tokens >= 0")
+    if a.pack_max_tokens and not a.pack:
+        p.error("--pack-max-tokens needs --pack")
     return a
 
 
@@ -163,6 +187,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     from transformers import get_cosine_schedule_with_warmup
 
+    from vlmkit.data.processor import collate
     from vlmkit.stages import apply_stage, format_table, param_groups, validate_plan
 
     device = torch.device(a.device)
@@ -175,7 +200,11 @@ def main(argv=None) -> dict:
     rows = apply_stage(model, stage.train, stage.lr)
     print(format_table(rows, f"vlmkit {a.llm} {stage.name}"), file=sys.stderr)
     if stage.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        flags = model.enable_gradient_checkpointing(stage.gradient_checkpointing_every,
+                                                    stage.gradient_checkpointing_skip)
+        print(f"gradient checkpointing: {sum(flags)} of {len(flags)} decoder layers", file=sys.stderr)
+    if a.compile:
+        print(f"compiled {model.compile_decoder_layers()} decoder layers", file=sys.stderr)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=(0.9, 0.999), fused=cuda)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(stage.warmup_ratio * stage.max_steps), stage.max_steps)
@@ -202,8 +231,39 @@ def main(argv=None) -> dict:
         labels[:, :1 + IMAGE_TOKENS] = -100
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pix}, ls
 
+    def samples(i):  # the same work as batch(i), as vlmkit samples (ids, labels, one image each)
+        ls = lens[i * a.batch:(i + 1) * a.batch]
+        out = []
+        for r, l in enumerate(ls):
+            ids = torch.randint(0, vocab - 2, (IMAGE_TOKENS + l,))
+            ids = ids.masked_fill(ids == image_token, image_token + 1)
+            ids[1:1 + IMAGE_TOKENS] = image_token
+            labels = ids.clone()
+            labels[:1 + IMAGE_TOKENS] = -100
+            out.append({"input_ids": ids, "labels": labels, "pixel_values": pix[r:r + 1], "id": r})
+        return out, ls
+
+    def to_device(b):
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    pad_id = model.tokenizer.pad_token_id
+
+    def packed_batch(i):  # vlmkit's collate(pack=True) over the same lengths
+        s, ls = samples(i)
+        return to_device(collate(s, pad_id, pack=True, max_tokens=a.pack_max_tokens)), ls
+
+    def pack_check():
+        """Loss of one batch padded vs packed (no gradients): the packed path must give the same loss."""
+        s, _ = samples(0)
+        with torch.no_grad():
+            ref = float(model(**to_device(collate(s, pad_id))))
+            got = float(model(**to_device(collate(s, pad_id, pack=True, max_tokens=a.pack_max_tokens))))
+        return abs(got - ref) / abs(ref)
+
+    make = packed_batch if a.pack else batch
+
     def step(i):  # vlmkit.train.train_stage's step with one micro-batch on one process
-        b, ls = batch(i)
+        b, ls = make(i)
         n_items = int((b["labels"][:, 1:] != -100).sum())
         loss = model(**b, num_items=n_items)
         loss.backward()
@@ -221,6 +281,10 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    check = None
+    if a.pack and not a.no_pack_check:
+        check = pack_check()
+        print(f"pack check: |packed - padded| / padded loss = {check:.2e}", file=sys.stderr)
     for i in range(a.warmup):
         step(i)
     sync()
@@ -249,7 +313,9 @@ def main(argv=None) -> dict:
                pad_fraction=round(1 - real / padded, 3), tflops=round(flops / dt / 1e12, 1),
                mfu=round(flops / dt / 1e12 / a.peak, 3), peak_mem_gib=round(peak, 1),
                mode="qlora" if a.qlora else "lora" if a.lora else "full", max_grad_norm=a.max_grad_norm,
-               loss=round(loss, 4))
+               loss=round(loss, 4), pack=a.pack, pack_max_tokens=a.pack_max_tokens, gc_every=a.gc_every,
+               gc_skip=a.gc_skip, attn=a.attn, compile=a.compile,
+               pack_check_rel=None if check is None else float(f"{check:.3g}"))
     print(json.dumps(res), flush=True)
     return res
 

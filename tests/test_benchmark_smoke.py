@@ -51,3 +51,16 @@ def test_workload_and_flops_match_the_peer(bench):
 def test_lora_needs_stage_2(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--lora", "--stage", "1"])
+
+
+def test_tiny_cpu_packed_run(bench, capsys):
+    """--pack (vlmkit's packing collate, varlen attention) with selective checkpointing: same fields, pad-free,
+    and the padded-vs-packed loss check passes."""
+    res = bench.main(["--device", "cpu", "--llm", "tiny", "--stage", "2", "--batch", "3", "--steps", "1",
+                      "--warmup", "1", "--gc", "--gc-every", "2", "--pack", "--attn", "varlen"])
+    for key in PEER_FIELDS + ("pack", "gc_every"):
+        assert key in res, key
+    assert res["pack"] is True and res["gc_every"] == 2 and res["pad_fraction"] == 0
+    assert res["pack_check_rel"] <= 1e-5
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--gc-every", "2"])  # needs --gc

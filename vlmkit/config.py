@@ -108,6 +108,9 @@ class LLMConfig:
     image_token: str = "<image>"
     """Placeholder token added once to the tokenizer."""
     attn_implementation: str | None = None
+    """transformers' attention (sdpa, eager, flex_attention, ...) or `varlen`: vlmkit's per-sample attention
+    for packed batches (data.pack; PyTorch's variable-length flash attention on CUDA), SDPA otherwise. None:
+    transformers' default (sdpa)."""
     trust_remote_code: bool = False
     """Let transformers run Python code shipped with the checkpoint / tokenizer (never on unless asked)."""
     quantization: QuantizationConfig | None = None
@@ -217,10 +220,21 @@ class DataConfig:
     max_image_pixels: int | None = 178_956_970
     """An image whose header declares more pixels is refused before decoding (a decompression bomb);
     None or 0: no vlmkit limit (PIL's own, 2 x PIL.Image.MAX_IMAGE_PIXELS, still applies)."""
+    pack: bool = False
+    """Concatenate each micro-batch's samples into one row (or rows of at most `pack_max_tokens`) without padding;
+    positions restart at 0 and attention stays within each sample. Same samples per step, same loss; best with
+    llm.attn_implementation `varlen` (sdpa / eager build a dense block-diagonal mask over the row)."""
+    pack_max_tokens: int = 0
+    """With `pack`: the most tokens in one packed row (0: the whole micro-batch in one row). A longer sample gets a
+    row of its own."""
 
     def __post_init__(self):
         if self.on_bad_sample not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_sample must be error or skip, got {self.on_bad_sample!r}")
+        if not isinstance(self.pack, bool):
+            raise ConfigError(f"data.pack must be true or false, got {self.pack!r}")
+        if not isinstance(self.pack_max_tokens, int) or self.pack_max_tokens < 0:
+            raise ConfigError(f"data.pack_max_tokens must be an integer >= 0, got {self.pack_max_tokens!r}")
 
 
 @dataclass
@@ -271,8 +285,19 @@ class StageConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    gradient_checkpointing_every: int = 1
+    """With gradient_checkpointing: recompute only every k-th LLM decoder layer (1: all of them); the others keep
+    their activations (faster, more memory)."""
+    gradient_checkpointing_skip: int = 0
+    """With gradient_checkpointing: leave this many of the LLM's last decoder layers un-checkpointed (a finer
+    memory / speed trade than `gradient_checkpointing_every`)."""
 
     def __post_init__(self):
+        for key in ("gradient_checkpointing_every", "gradient_checkpointing_skip"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key.endswith("every") else 0):
+                raise ConfigError(f"stage {self.name!r}: {key} must be an integer >= "
+                                  f"{1 if key.endswith('every') else 0}, got {v!r}")
         plans = {}
         for comp, spec in self.train.items():
             try:

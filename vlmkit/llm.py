@@ -76,7 +76,9 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase, dtype=None):
     then built in the compute dtype, saved to a temporary folder and loaded back quantized: the same
     from_pretrained path a checkpoint takes.
     """
-    kw = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    from .attention import resolve
+
+    kw = {"attn_implementation": resolve(cfg.attn_implementation)} if cfg.attn_implementation else {}
     q = cfg.quantization
     if q is not None:
         check_quantization_support()

@@ -396,12 +396,14 @@ class VLM(nn.Module):
         return out
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes=None,
-              images_per_sample=None, tiles_per_image=None) -> torch.Tensor:
+              images_per_sample=None, tiles_per_image=None, cu_seqlens=None) -> torch.Tensor:
         """Token embeddings with image features scattered into the placeholder positions.
 
         pixel_values: [N_tiles, 3, T, T] (one tile per image without tiling). With tiling, the
         collated `image_sizes` [N_images, 2] (width, height), `images_per_sample` [B] and (checked)
         `tiles_per_image` [N_images] say which tiles make which image and which images which sample.
+        A packed batch (`cu_seqlens`: sample boundaries over the flattened rows) holds its samples in
+        row-major order, so the placeholders meet the images in sample order as in a padded batch.
         """
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
         mask = input_ids == self.image_token_id  # [B, T]
@@ -434,16 +436,21 @@ class VLM(nn.Module):
             raise ValueError(f"image token mismatch: {n_images} image(s) give {feats.shape[0]} "
                              f"features (expected {expected}), the text holds {found} placeholder tokens")
         if images_per_sample is not None:
-            self._check_rows(mask, per_image, images_per_sample)
+            self._check_rows(mask, per_image, images_per_sample, cu_seqlens)
         return embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
 
     @staticmethod
-    def _check_rows(mask: torch.Tensor, per_image: list[int], images_per_sample) -> None:
+    def _check_rows(mask: torch.Tensor, per_image: list[int], images_per_sample, cu_seqlens=None) -> None:
         """Each sample's placeholders must match its own images' tokens (not only the batch total)."""
         per_sample = images_per_sample.tolist() if torch.is_tensor(images_per_sample) else list(images_per_sample)
-        if len(per_sample) != mask.shape[0]:
-            raise ValueError(f"images_per_sample has {len(per_sample)} entries for {mask.shape[0]} sample(s)")
-        found = mask.sum(1).tolist()
+        if cu_seqlens is None:
+            found = mask.sum(1).tolist()
+        else:  # packed: each sample is a segment of the flattened rows
+            cs = F.pad(mask.reshape(-1).long().cumsum(0), (1, 0))
+            cu = cu_seqlens.to(cs.device).long()
+            found = (cs[cu[1:]] - cs[cu[:-1]]).tolist()
+        if len(per_sample) != len(found):
+            raise ValueError(f"images_per_sample has {len(per_sample)} entries for {len(found)} sample(s)")
         start = 0
         for r, n in enumerate(per_sample):
             want = per_image[start:start + n]
@@ -454,21 +461,54 @@ class VLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None,
                 num_items: int | None = None, image_sizes=None, images_per_sample=None, tiles_per_image=None,
-                **_) -> torch.Tensor:
+                position_ids=None, cu_seqlens=None, max_seqlen: int | None = None, **_) -> torch.Tensor:
         """The training loss: cross-entropy over labelled positions only, summed / `num_items`.
 
         `num_items` is the number of labelled tokens in the whole optimizer step (all micro-batches,
         all processes), so gradient accumulation gives the same update as one large batch; by
         default the mean over this batch. Full-vocabulary logits are formed only where labelled.
+        A packed batch (collate(..., pack=True): `position_ids`, `cu_seqlens`, `max_seqlen`) gives the
+        same loss as the padded batch of the same samples; its `attention_mask` is not used.
         """
-        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image)
-        hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image, cu_seqlens)
+        hidden = self._decode(embeds, attention_mask, position_ids, cu_seqlens, max_seqlen)
         targets = labels[:, 1:]  # [B, T-1]
         sel = targets != IGNORE
         h = hidden[:, :-1][sel]  # [n, D]
         logits = self._logits(h).float()  # [n, V]
         loss = F.cross_entropy(logits, targets[sel], reduction="sum")
         return loss / (num_items if num_items else max(int(sel.sum()), 1))
+
+    def _decode(self, embeds, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                base: bool = True):
+        """The LLM over input embeddings: last hidden states (`base`) or the LM's output (logits).
+
+        Packed (`cu_seqlens` given): no 2D mask, positions restarting per sample; transformers builds the
+        block-diagonal mask for sdpa / eager / flex_attention, `varlen` reads the boundaries directly.
+        """
+        model = self.llm.base_model if base else self.llm
+        if cu_seqlens is None:
+            out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+            return out.last_hidden_state if base else out.logits
+        from .attention import PACKED_IMPLEMENTATIONS, VARLEN, packed_forward
+
+        impl = self.llm.config._attn_implementation
+        if impl not in PACKED_IMPLEMENTATIONS:
+            raise ValueError(f"a packed batch (data.pack) needs llm.attn_implementation varlen, sdpa, eager or "
+                             f"flex_attention; this LLM runs {impl!r}")
+        if position_ids is None:
+            raise ValueError("a packed batch needs position_ids (restarting at 0 per sample): use collate(pack=True)")
+        kw = {}
+        if impl == VARLEN:
+            cu = cu_seqlens.to(device=embeds.device, dtype=torch.int32)
+            if max_seqlen is None:
+                max_seqlen = int((cu[1:] - cu[:-1]).max())
+            kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(max_seqlen), max_length_k=int(max_seqlen))
+        with packed_forward():
+            out = model(inputs_embeds=embeds, attention_mask=None, position_ids=position_ids.to(embeds.device),
+                        use_cache=False, **kw)
+        return out.last_hidden_state if base else out.logits
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.llm.get_output_embeddings()(h)
@@ -478,10 +518,12 @@ class VLM(nn.Module):
         return logits
 
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, images_per_sample=None,
-               tiles_per_image=None) -> torch.Tensor:
-        """Full logits [B, T, V] (for inference and tests)."""
-        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask).logits
+               tiles_per_image=None, position_ids=None, cu_seqlens=None, max_seqlen=None, **_) -> torch.Tensor:
+        """Full logits [B, T, V] (for inference and tests; a packed batch too)."""
+        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image, cu_seqlens)
+        if cu_seqlens is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask).logits
+        return self._decode(embeds, None, position_ids, cu_seqlens, max_seqlen, base=False)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
@@ -496,9 +538,37 @@ class VLM(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                  max_new_tokens=max_new_tokens, **kwargs)
 
-    def enable_gradient_checkpointing(self) -> None:
+    def decoder_layers(self) -> list[nn.Module]:
+        """The LLM's decoder layers (transformers' GradientCheckpointingLayer blocks), in order."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        return [m for m in self.llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    def compile_decoder_layers(self, **kwargs) -> int:
+        """torch.compile each LLM decoder layer in place (`nn.Module.compile`; kwargs go to torch.compile,
+        default dynamic=True: packed rows change length every step). Gradient checkpointing wraps the compiled
+        layer. Returns how many layers were compiled."""
+        kwargs.setdefault("dynamic", True)
+        layers = self.decoder_layers()
+        for layer in layers:
+            layer.compile(**kwargs)
+        return len(layers)
+
+    def enable_gradient_checkpointing(self, every: int = 1, skip_last: int = 0) -> list[bool]:
+        """Recompute the LLM's decoder layers in the backward instead of keeping their activations.
+
+        `every`: only every k-th decoder layer (0, k, 2k, ...) is checkpointed; `skip_last`: the last n layers
+        are not. The others keep their activations: less recomputation, more memory. Set on each
+        transformers GradientCheckpointingLayer's own flag, so it works with any transformers 5.x (5.2x's
+        `every_n_layers` is the same rule). Returns the flag of each decoder layer.
+        """
         # transformers >= 5.2x names it activation_checkpointing_enable; older 5.x gradient_checkpointing_enable
         if hasattr(self.llm, "activation_checkpointing_enable"):
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = self.decoder_layers()
+        flags = [i % max(1, every) == 0 and i < len(layers) - skip_last for i in range(len(layers))]
+        for layer, flag in zip(layers, flags):
+            layer.gradient_checkpointing = flag
+        return flags

@@ -117,7 +117,9 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     accelerator.print(format_table(rows, f"\n== stage {stage.name}: lr {stage.lr:g}, "
                                          f"global batch {stage.global_batch_size} =="))
     if stage.gradient_checkpointing:
-        raw.enable_gradient_checkpointing()
+        flags = raw.enable_gradient_checkpointing(stage.gradient_checkpointing_every, stage.gradient_checkpointing_skip)
+        if not all(flags):
+            accelerator.print(f"gradient checkpointing: {sum(flags)} of {len(flags)} LLM decoder layers recomputed")
 
     world = accelerator.num_processes
     micro, accum = micro_batching(stage.global_batch_size, stage.per_device_batch_size, world, stage.name)
@@ -127,7 +129,8 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     # the loader's own generator: loading data never draws from (or disturbs) the global torch RNG
     loader = DataLoader(dataset, batch_size=micro, shuffle=True, generator=torch.Generator(),
                         num_workers=stage.data.num_workers, persistent_workers=stage.data.num_workers > 0,
-                        collate_fn=partial(collate, pad_id=raw.tokenizer.pad_token_id))
+                        collate_fn=partial(collate, pad_id=raw.tokenizer.pad_token_id, pack=stage.data.pack,
+                                           max_tokens=stage.data.pack_max_tokens))
     n_batches = math.ceil(len(dataset) / per_step)
     total = stage.max_steps or max(1, math.ceil(stage.epochs * n_batches / accum))
 

@@ -2,7 +2,7 @@
 from .conversation import IGNORE, SampleError, encode, normalize, truncate
 from .dataset import ConversationDataset, load_records
 from .images import ImageTransform, load_image
-from .processor import Processor, collate
+from .processor import Processor, collate, collate_packed
 
 __all__ = ["IGNORE", "SampleError", "encode", "normalize", "truncate", "ConversationDataset", "load_records",
-           "ImageTransform", "load_image", "Processor", "collate"]
+           "ImageTransform", "load_image", "Processor", "collate", "collate_packed"]

@@ -20,7 +20,11 @@ BACKGROUND = (255, 255, 255)
 QUESTION_TYPES = ("count", "color", "shape", "position", "what")
 
 
-def draw_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[dict]]:
+def draw_scene(rng: random.Random, size: int, min_size: float = 0.55, max_size: float = 0.8,
+               jitter: float = 1.0) -> tuple[Image.Image, list[dict]]:
+    """A canvas with 1-3 shapes, each in its own quadrant. A shape's side is `min_size`..`max_size`
+    of the quadrant; `jitter` (0..1) is how far it may wander from the quadrant's centre (0: centred,
+    1: anywhere with a 1-pixel margin)."""
     im = Image.new("RGB", (size, size), BACKGROUND)
     d = ImageDraw.Draw(im)
     half = size // 2
@@ -28,9 +32,11 @@ def draw_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[dict]]:
     objs = []
     for q in rng.sample(range(4), n):
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        s = rng.randint(int(half * 0.55), int(half * 0.8))
-        x0 = (q % 2) * half + rng.randint(1, half - s - 1)
-        y0 = (q // 2) * half + rng.randint(1, half - s - 1)
+        s = rng.randint(int(half * min_size), int(half * max_size))
+        free = half - s  # room around the shape inside its quadrant
+        lo, hi = round(free / 2 - jitter * (free / 2 - 1)), round(free / 2 + jitter * (free / 2 - 1))
+        x0 = (q % 2) * half + rng.randint(lo, max(lo, hi))
+        y0 = (q // 2) * half + rng.randint(lo, max(lo, hi))
         box = (x0, y0, x0 + s, y0 + s)
         if shape == "circle":
             d.ellipse(box, fill=COLORS[color])
@@ -61,7 +67,7 @@ def caption(objs: list[dict]) -> str:
 
 
 def make_demo_data(out_dir: str | Path, n_train: int = 3000, n_eval: int = 150, size: int = 48,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, jitter: float = 1.0, min_size: float = 0.55, max_size: float = 0.8) -> dict:
     """Write images/, captions.json (stage 1), train.json (stage 2, every question of an image in
     one conversation) and eval.json (one question per sample, each type for each eval image)."""
     out = Path(out_dir)
@@ -69,7 +75,7 @@ def make_demo_data(out_dir: str | Path, n_train: int = 3000, n_eval: int = 150, 
     rng = random.Random(seed)
     captions, train, evals = [], [], []
     for i in range(n_train + n_eval):
-        im, objs = draw_scene(rng, size)
+        im, objs = draw_scene(rng, size, min_size, max_size, jitter)
         name = f"images/{i:06d}.png"
         im.save(out / name)
         qs = questions(objs)

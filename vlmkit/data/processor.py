@@ -52,11 +52,15 @@ class Processor:
                 "tiles_per_image": torch.tensor([len(ts) for ts in tiles], dtype=torch.long)}
 
 
-def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
+def collate(samples: list[dict], pad_id: int, padding_side: str = "right", pack: bool = False,
+            max_tokens: int = 0) -> dict:
     """Pad ids (pad_id) and labels (-100) to the longest sample; stack all images in sample order.
 
     Samples that a dataset skipped (`{"skipped": ...}`) are left out and listed under `skipped`.
+    With `pack`, see `collate_packed` (`max_tokens`: its row budget).
     """
+    if pack:
+        return collate_packed(samples, pad_id, max_tokens)
     kept = [s for s in samples if "skipped" not in s]
     skipped = [s["skipped"] for s in samples if "skipped" in s]
     if not kept:
@@ -77,6 +81,67 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> di
         "labels": labels,
         "attention_mask": mask,
         "pixel_values": torch.cat([s["pixel_values"] for s in kept]),  # [N_tiles, 3, H, W]
+        "ids": [s.get("id") for s in kept],
+        "skipped": skipped,
+        **_image_layout(kept),
+    }
+
+
+def collate_packed(samples: list[dict], pad_id: int, max_tokens: int = 0, pad_to_multiple_of: int = 1) -> dict:
+    """Pack samples without padding between them: one row, or rows of at most `max_tokens` tokens (0: one row),
+    filled in sample order (so images, stacked in sample order, meet their placeholders in row-major order).
+
+    Besides collate's keys: `position_ids` [R, L] restarting at 0 at each sample, `cu_seqlens` int32 [S+1]
+    (sample boundaries over the flattened rows) and `max_seqlen`. Rows are right-padded to the longest (and to a
+    multiple of `pad_to_multiple_of`); a row's padding belongs to its last sample (positions continue, labels
+    -100), so it is never attended to by a real token. `attention_mask` marks real tokens (1) for counting: the
+    model attends by sample, not by this mask. Each sample's first label is -100: in a padded batch it is never
+    a target; here it would be the target of the previous sample's last token.
+    """
+    kept = [s for s in samples if "skipped" not in s]
+    skipped = [s["skipped"] for s in samples if "skipped" in s]
+    if not kept:
+        return {"skipped": skipped}
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, s in enumerate(kept):
+        n = len(s["input_ids"])
+        if rows and (not max_tokens or used[-1] + n <= max_tokens):
+            rows[-1].append(i)
+            used[-1] += n
+        else:
+            rows.append([i])
+            used.append(n)
+    L = max(used)
+    L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
+    R = len(rows)
+    ids = torch.full((R, L), pad_id, dtype=torch.long)
+    labels = torch.full((R, L), -100, dtype=torch.long)
+    mask = torch.zeros((R, L), dtype=torch.long)
+    pos = torch.zeros((R, L), dtype=torch.long)
+    cu = [0]
+    for r, row in enumerate(rows):
+        off = 0
+        for j, i in enumerate(row):
+            s = kept[i]
+            n = len(s["input_ids"])
+            ids[r, off:off + n] = s["input_ids"]
+            labels[r, off:off + n] = s["labels"]
+            labels[r, off] = -100
+            mask[r, off:off + n] = 1
+            end = L if j == len(row) - 1 else off + n  # the row's padding joins its last sample
+            pos[r, off:end] = torch.arange(end - off)
+            cu.append(r * L + end)
+            off += n
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "position_ids": pos,
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+        "pixel_values": torch.cat([s["pixel_values"] for s in kept]),  # [N_tiles, 3, H, W], sample order
         "ids": [s.get("id") for s in kept],
         "skipped": skipped,
         **_image_layout(kept),
