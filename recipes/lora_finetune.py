@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vlmkit.config import RunConfig, load_stages  # noqa: E402
+from vlmkit.config import RunConfig, add_resume_args, load_stages  # noqa: E402
 from vlmkit.model import VLM, resolve_model_dir  # noqa: E402
 from vlmkit.train import make_accelerator, run  # noqa: E402
 
@@ -51,6 +51,18 @@ def make_new_type_data(out: Path, n_train: int, n_eval: int, size: int, seed: in
     return tuple(paths)
 
 
+def replay(train_path: Path, base_train: Path, n: int) -> None:
+    """Mix n of the base task's own conversations into the new data (images referenced by absolute
+    path), so the adapters learn the new question type without forgetting the old ones."""
+    if not base_train.exists():
+        return
+    recs = json.loads(train_path.read_text())
+    for r in json.loads(base_train.read_text())[:n]:
+        recs.append(dict(r, image=str((base_train.parent / r["image"]).resolve())))
+    random.Random(0).shuffle(recs)
+    train_path.write_text(json.dumps(recs))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a vlmkit model (or run) folder; default: the llava15 demo's")
@@ -60,6 +72,7 @@ def main(argv=None):
     ap.add_argument("--config", default=None, help="stage plan YAML (`stages:` and `train:`)")
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--cpu", action="store_true")
+    add_resume_args(ap)
     args = ap.parse_args(argv)
 
     demo = args.data is None
@@ -67,6 +80,8 @@ def main(argv=None):
     stages, train = load_stages(cfg_path)
     if args.output_dir:
         train.output_dir = args.output_dir
+    if args.resume:
+        train.resume = args.resume
     out = Path(train.output_dir)
     base_dir = resolve_model_dir(args.model or "runs/llava15/model")
     if not (base_dir / "config.json").exists():
@@ -77,7 +92,8 @@ def main(argv=None):
     data, eval_data = args.data, args.eval_data
     if demo:
         if accelerator.is_main_process:
-            make_new_type_data(out / "data", 1500, 120, model.encoder.image_size)
+            train_path, _ = make_new_type_data(out / "data", 1500, 120, model.encoder.image_size)
+            replay(Path(train_path), base_dir.parent / "data" / "train.json", 1500)
         accelerator.wait_for_everyone()
         data, eval_data = str(out / "data" / "train.json"), str(out / "data" / "eval.json")
     for s in stages:

@@ -183,3 +183,32 @@ def test_num_items_makes_micro_batches_sum_to_the_batch_mean(accum_setup):
     with torch.no_grad():
         loss_sum = sum(float(model(**mb, num_items=n_items)) for mb in mbs)
         assert loss_sum == pytest.approx(float(model(**full)), rel=1e-5)
+
+
+def test_cpu_threads_undo_the_launchers_single_thread_default(monkeypatch):
+    """`accelerate launch` without a config pins OMP_NUM_THREADS=1 on a GPU-less machine; a user's choice stays."""
+    import os
+    from types import SimpleNamespace
+
+    import torch
+
+    from vlmkit.train import cpu_threads
+
+    before = torch.get_num_threads()
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+        monkeypatch.delenv("VLMKIT_CPU_THREADS", raising=False)
+        torch.set_num_threads(1)
+        cpu_threads(acc)
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+        monkeypatch.setenv("VLMKIT_CPU_THREADS", "1")
+        cpu_threads(acc)
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("VLMKIT_CPU_THREADS")
+        monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")  # not launched by accelerate: OMP_NUM_THREADS=1 is the user's
+        cpu_threads(acc)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

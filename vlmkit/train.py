@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from functools import partial
@@ -25,7 +26,7 @@ from .stages import apply_stage, format_table, param_groups, validate_plan
 
 def make_accelerator(cfg: TrainConfig, cpu: bool = False) -> Accelerator:
     """Accumulation is counted by the loop itself (full windows), not by the data loader's end."""
-    return Accelerator(
+    acc = Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=cpu,
         log_with=cfg.log_with,
@@ -34,6 +35,25 @@ def make_accelerator(cfg: TrainConfig, cpu: bool = False) -> Accelerator:
         # each epoch's order is a function of (seed, epoch): what makes a resumed run see the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    cpu_threads(acc)
+    return acc
+
+
+def cpu_threads(accelerator: Accelerator) -> None:
+    """Training on CPU: give each process its share of the cores.
+
+    `accelerate launch` without a config sets OMP_NUM_THREADS=1 on a machine with no GPU (its
+    per-core default applies only with --cpu), halving a 2-core laptop's speed. A thread count the
+    user chose (VLMKIT_CPU_THREADS, or OMP_NUM_THREADS other than that launcher default) is kept.
+    """
+    if accelerator.device.type != "cpu":
+        return
+    chosen = os.environ.get("VLMKIT_CPU_THREADS")
+    if chosen:
+        torch.set_num_threads(int(chosen))
+    elif os.environ.get("OMP_NUM_THREADS") == "1" and "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # the launcher's
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
 def micro_batching(global_batch: int, per_device: int, world: int, stage: str = "") -> tuple[int, int]:
