@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vlmkit.config import TilingConfig, load_config  # noqa: E402
+from vlmkit.config import TilingConfig, add_resume_args, load_config  # noqa: E402
 from vlmkit.train import make_accelerator, run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -74,12 +74,15 @@ def main(argv=None):
     ap.add_argument("--demo-train-images", type=int, default=2000)
     ap.add_argument("--compare-single-tile", action=argparse.BooleanOptionalAction, default=True,
                     help="demo: also train with one tile per image and report both accuracies (default: on)")
+    add_resume_args(ap)
     args = ap.parse_args(argv)
 
     demo = args.config is None
     cfg = load_config(args.config or HERE / "configs" / "llava_next_demo.yaml")
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
+    if args.resume:
+        cfg.train.resume = args.resume
     out = Path(cfg.train.output_dir)
     if demo:  # rewrite the demo's paths under the chosen output dir
         for s in cfg.stages:

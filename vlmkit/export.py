@@ -562,12 +562,7 @@ def import_llava(path: str | os.PathLike, template: str | None = None, image_asp
         raise ValueError(f"{path}: image token id mismatch ({model.image_token_id} vs {cfg.image_token_id})")
     state = {k: v for k, v in llava.state_dict().items() if not k.startswith("model.vision_tower.")}
     state = from_llava_state(state, llm)
-    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    model.llm.tie_weights()
-    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if unexpected or still_empty:
-        raise ValueError(f"{path}: weights do not fit vlmkit's VLM (missing {still_empty[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+    model.assign_weights(state, f"{path}: weights do not fit vlmkit's VLM")
     if dtype is not None:
         model.to(dtype)
     return model

@@ -213,13 +213,8 @@ class VLM(nn.Module):
             connector = CONNECTORS.get(config.connector.name)(encoder.out_dim, llm.config.hidden_size,
                                                               **config.connector.options)
             model = cls(config, encoder, connector, llm, tokenizer)
-        state = load_file(str(path / WEIGHTS_NAME))
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        model.llm.tie_weights()
-        still_empty = [n for n, p in model.named_parameters() if p.is_meta]
-        if unexpected or still_empty:
-            raise ValueError(f"{path / WEIGHTS_NAME}: weights do not match the config "
-                             f"(missing {still_empty[:5]}, unexpected {unexpected[:5]})")
+        model.assign_weights(load_file(str(path / WEIGHTS_NAME)),
+                             f"{path / WEIGHTS_NAME}: weights do not match the config")
         for name, sub in saved.get("adapters", {}).items():
             from peft import LoraConfig
 
@@ -233,6 +228,14 @@ class VLM(nn.Module):
         if dtype is not None:
             model.to(dtype)
         return model
+
+    def assign_weights(self, state: dict[str, torch.Tensor], what: str) -> None:
+        """Put `state` into a model built on the meta device; re-tie tied weights; every parameter must be filled."""
+        _, unexpected = self.load_state_dict(state, strict=False, assign=True)
+        self.llm.tie_weights()
+        still_empty = [n for n, p in self.named_parameters() if p.is_meta]
+        if unexpected or still_empty:
+            raise ValueError(f"{what} (missing {still_empty[:5]}, unexpected {unexpected[:5]})")
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load the weights (and LoRA adapters) of a folder written by `save_pretrained` into this model,
