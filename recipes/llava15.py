@@ -15,7 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vlmkit.config import add_resume_args, load_config  # noqa: E402
+from vlmkit.config import add_resume_args, apply_run_args, load_config  # noqa: E402
+from vlmkit.data.demo import relocate  # noqa: E402
+from vlmkit.evaluate import demo_metrics  # noqa: E402
 from vlmkit.train import make_accelerator, run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -40,15 +42,10 @@ def main(argv=None):
 
     demo = args.config is None
     cfg = load_config(args.config or HERE / "configs" / "llava15_demo.yaml")
-    if args.output_dir:
-        cfg.train.output_dir = args.output_dir
-    if args.resume:
-        cfg.train.resume = args.resume
+    apply_run_args(cfg.train, args)
     out = Path(cfg.train.output_dir)
-    if demo:  # rewrite the demo's paths under the chosen output dir
-        for s in cfg.stages:
-            s.data.path = str(out / "data" / Path(s.data.path).name)
-        cfg.model.llm.tokenizer = str(out / "tokenizer")
+    if demo:  # the demo writes its data and tokenizer under the chosen output dir
+        relocate(cfg, out)
     accelerator = make_accelerator(cfg.train, cpu=args.cpu)
     t0 = time.perf_counter()
     if demo:
@@ -58,28 +55,12 @@ def main(argv=None):
     model, accelerator, stage_metrics = run(cfg, accelerator=accelerator)
     if not demo or not accelerator.is_main_process:
         return
-    from vlmkit.evaluate import evaluate
-
-    ev = evaluate(model, str(out / "data" / "eval.json"))
-    blank = evaluate(model, str(out / "data" / "eval.json"), blank_images=True)
-    last = stage_metrics[-1]
-    metrics = {
-        "eval_accuracy": ev["accuracy"],
-        "eval_accuracy_no_image": blank["accuracy"],
-        "eval_accuracy_per_type": ev["per_type"],
-        "eval_accuracy_no_image_per_type": blank["per_type"],
-        "eval_examples": ev["examples"],
-        "eval_questions": ev["n"],
-        "train_samples_per_second": sum(m["samples"] for m in stage_metrics) / sum(m["seconds"] for m in stage_metrics),
-        "stages": stage_metrics,
-        "final_loss": last["final_loss"],
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-    }
+    metrics = demo_metrics(model, str(out / "data" / "eval.json"), stage_metrics, t0)
     with open(out / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps({k: metrics[k] for k in ("eval_accuracy", "eval_accuracy_no_image",
                                               "train_samples_per_second", "wall_seconds")}))
-    print(f"per type: {ev['per_type']}  |  blank images: {blank['per_type']}")
+    print(f"per type: {metrics['eval_accuracy_per_type']}  |  blank images: {metrics['eval_accuracy_no_image_per_type']}")
     print(f"model: {out / 'model'}  metrics: {out / 'metrics.json'}")
 
 

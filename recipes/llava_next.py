@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vlmkit.config import TilingConfig, add_resume_args, load_config  # noqa: E402
+from vlmkit.config import TilingConfig, add_resume_args, apply_run_args, load_config  # noqa: E402
+from vlmkit.data.demo import relocate  # noqa: E402
+from vlmkit.evaluate import demo_metrics  # noqa: E402
 from vlmkit.train import make_accelerator, run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -47,25 +49,6 @@ def single_tile(cfg, out: Path):
     return cfg
 
 
-def evaluate_demo(model, out: Path, stage_metrics: list[dict], t0: float) -> dict:
-    from vlmkit.evaluate import evaluate
-
-    ev = evaluate(model, str(out / "data" / "eval.json"))
-    blank = evaluate(model, str(out / "data" / "eval.json"), blank_images=True)
-    return {
-        "eval_accuracy": ev["accuracy"],
-        "eval_accuracy_no_image": blank["accuracy"],
-        "eval_accuracy_per_type": ev["per_type"],
-        "eval_accuracy_no_image_per_type": blank["per_type"],
-        "eval_examples": ev["examples"],
-        "eval_questions": ev["n"],
-        "train_samples_per_second": sum(m["samples"] for m in stage_metrics) / sum(m["seconds"] for m in stage_metrics),
-        "stages": stage_metrics,
-        "final_loss": stage_metrics[-1]["final_loss"],
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-    }
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="a run config (YAML); default: the embedded demo")
@@ -79,15 +62,10 @@ def main(argv=None):
 
     demo = args.config is None
     cfg = load_config(args.config or HERE / "configs" / "llava_next_demo.yaml")
-    if args.output_dir:
-        cfg.train.output_dir = args.output_dir
-    if args.resume:
-        cfg.train.resume = args.resume
+    apply_run_args(cfg.train, args)
     out = Path(cfg.train.output_dir)
-    if demo:  # rewrite the demo's paths under the chosen output dir
-        for s in cfg.stages:
-            s.data.path = str(out / "data" / Path(s.data.path).name)
-        cfg.model.llm.tokenizer = str(out / "tokenizer")
+    if demo:  # the demo writes its data and tokenizer under the chosen output dir
+        relocate(cfg, out)
     accelerator = make_accelerator(cfg.train, cpu=args.cpu)
     t0 = time.perf_counter()
     if demo:
@@ -97,12 +75,12 @@ def main(argv=None):
     model, accelerator, stage_metrics = run(cfg, accelerator=accelerator)
     if not demo:
         return
-    metrics = evaluate_demo(model, out, stage_metrics, t0) if accelerator.is_main_process else None
+    metrics = demo_metrics(model, str(out / "data" / "eval.json"), stage_metrics, t0) if accelerator.is_main_process else None
     if args.compare_single_tile:
         t1 = time.perf_counter()
         base, _, base_stages = run(single_tile(cfg, out), accelerator=accelerator)
         if accelerator.is_main_process:
-            single = evaluate_demo(base, out, base_stages, t1)
+            single = demo_metrics(base, str(out / "data" / "eval.json"), base_stages, t1)
             metrics["single_tile"] = single
             metrics["eval_accuracy_single_tile"] = single["eval_accuracy"]
             metrics["eval_accuracy_single_tile_per_type"] = single["eval_accuracy_per_type"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vlmkit.config import RunConfig, add_resume_args, load_stages  # noqa: E402
+from vlmkit.config import RunConfig, add_resume_args, apply_run_args, load_stages  # noqa: E402
 from vlmkit.model import VLM, resolve_model_dir  # noqa: E402
 from vlmkit.train import make_accelerator, run  # noqa: E402
 
@@ -28,7 +28,7 @@ NEW_TYPE = "count_color"  # "How many red shapes are there?": never asked in the
 
 def make_new_type_data(out: Path, n_train: int, n_eval: int, size: int, seed: int = 1) -> tuple[str, str]:
     """Fresh scenes with a question type the base model never saw; words all in the demo's vocabulary."""
-    from vlmkit.data.demo import NUMBERS, draw_scene
+    from vlmkit.data.demo import NUMBERS, draw_scene, record, write_splits
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -41,14 +41,10 @@ def make_new_type_data(out: Path, n_train: int, n_eval: int, size: int, seed: in
         split = "train" if i < n_train else "eval"
         for color in (colors if split == "train" else [rng.choice(colors)]):
             n = sum(o["color"] == color for o in objs)
-            splits[split].append({"id": f"{split}{i}-{color}", "type": NEW_TYPE, "image": name, "conversations": [
-                {"from": "human", "value": f"<image>\nHow many {color} shapes are there?"},
-                {"from": "gpt", "value": NUMBERS[n]}]})
-    paths = []
-    for split, recs in splits.items():
-        (out / f"{split}.json").write_text(json.dumps(recs))
-        paths.append(str(out / f"{split}.json"))
-    return tuple(paths)
+            splits[split].append(record(f"{split}{i}-{color}", name,
+                                        [(f"How many {color} shapes are there?", NUMBERS[n])], NEW_TYPE))
+    paths = write_splits(out, **splits)
+    return paths["train"], paths["eval"]
 
 
 def replay(train_path: Path, base_train: Path, n: int) -> None:
@@ -78,10 +74,7 @@ def main(argv=None):
     demo = args.data is None
     cfg_path = args.config or HERE / "configs" / "plans" / ("lora_finetune_demo.yaml" if demo else "lora_finetune.yaml")
     stages, train = load_stages(cfg_path)
-    if args.output_dir:
-        train.output_dir = args.output_dir
-    if args.resume:
-        train.resume = args.resume
+    apply_run_args(train, args)
     out = Path(train.output_dir)
     base_dir = resolve_model_dir(args.model or "runs/llava15/model")
     if not (base_dir / "config.json").exists():

@@ -352,6 +352,14 @@ def add_resume_args(parser) -> None:
                    help="start over: the checkpoints, logs and stage markers in output_dir are removed")
 
 
+def apply_run_args(train: "TrainConfig", args) -> None:
+    """--output-dir and --resume / --no-resume from a recipe's command line onto the train section."""
+    if getattr(args, "output_dir", None):
+        train.output_dir = args.output_dir
+    if getattr(args, "resume", None):
+        train.resume = args.resume
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig

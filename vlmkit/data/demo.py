@@ -66,6 +66,32 @@ def caption(objs: list[dict]) -> str:
     return " and ".join(f"a {o['color']} {o['shape']} in the {o['where']}" for o in objs) + "."
 
 
+def relocate(cfg, out: Path) -> None:
+    """Point a demo run config's data files and tokenizer at `out` (where the demo writes them)."""
+    for st in cfg.stages:
+        st.data.path = str(out / "data" / Path(st.data.path).name)
+    cfg.model.llm.tokenizer = str(out / "tokenizer")
+
+
+def record(sid: str, image: str, turns: list[tuple[str, str]], qtype: str | None = None) -> dict:
+    """A LLaVA-format sample: one image, then (question, answer) turns; `<image>` opens the first question."""
+    conv = []
+    for k, (q, a) in enumerate(turns):
+        conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
+    rec = {"id": sid, "image": image, "conversations": conv}
+    return {"id": sid, "type": qtype, **rec} if qtype else rec
+
+
+def write_splits(out: Path, **splits: list[dict]) -> dict[str, str]:
+    """Each split as <out>/<name>.json; returns name -> path."""
+    paths = {}
+    for name, data in splits.items():
+        with open(out / f"{name}.json", "w") as f:
+            json.dump(data, f)
+        paths[name] = str(out / f"{name}.json")
+    return paths
+
+
 def make_demo_data(out_dir: str | Path, n_train: int = 3000, n_eval: int = 150, size: int = 48,
                    seed: int = 0, jitter: float = 1.0, min_size: float = 0.55, max_size: float = 0.8) -> dict:
     """Write images/, captions.json (stage 1), train.json (stage 2, every question of an image in
@@ -80,27 +106,16 @@ def make_demo_data(out_dir: str | Path, n_train: int = 3000, n_eval: int = 150, 
         im.save(out / name)
         qs = questions(objs)
         if i < n_train:
-            captions.append({"id": f"cap{i}", "image": name, "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the image."},
-                {"from": "gpt", "value": caption(objs)}]})
+            captions.append(record(f"cap{i}", name, [("Describe the image.", caption(objs))]))
             rng.shuffle(qs)
-            conv = []
-            for k, (_, q, a) in enumerate(qs):
-                conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
-            train.append({"id": f"qa{i}", "image": name, "conversations": conv})
+            train.append(record(f"qa{i}", name, [(q, a) for _, q, a in qs]))
         else:
             by_type = {}
             for t, q, a in qs:
                 by_type.setdefault(t, []).append((q, a))
             for t in sorted(by_type):
-                q, a = rng.choice(by_type[t])
-                evals.append({"id": f"ev{i}-{t}", "type": t, "image": name, "conversations": [
-                    {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
-    paths = {"captions": out / "captions.json", "train": out / "train.json", "eval": out / "eval.json"}
-    for key, data in (("captions", captions), ("train", train), ("eval", evals)):
-        with open(paths[key], "w") as f:
-            json.dump(data, f)
-    return {k: str(v) for k, v in paths.items()}
+                evals.append(record(f"ev{i}-{t}", name, [rng.choice(by_type[t])], t))
+    return write_splits(out, captions=captions, train=train, eval=evals)
 
 
 def corpus(path_list: list[str]) -> list[str]:

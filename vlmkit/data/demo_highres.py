@@ -9,11 +9,12 @@ AnyRes tiles the canvas at full resolution, so the pattern stays visible. Questi
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from PIL import Image
+
+from .demo import record, write_splits
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 PATTERNS = ("plain", "striped", "checked")
@@ -68,20 +69,11 @@ def make_highres_data(out_dir: str | Path, n_train: int = 2000, n_eval: int = 12
         im.save(out / name)
         qs = questions(obj)
         if i < n_train:
-            captions.append({"id": f"cap{i}", "image": name, "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the image."},
-                {"from": "gpt", "value": f"a {obj['pattern']} {obj['color']} square on the {obj['side']}."}]})
+            captions.append(record(f"cap{i}", name, [
+                ("Describe the image.", f"a {obj['pattern']} {obj['color']} square on the {obj['side']}.")]))
             rng.shuffle(qs)
-            conv = []
-            for k, (_, q, a) in enumerate(qs):
-                conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
-            train.append({"id": f"qa{i}", "image": name, "conversations": conv})
+            train.append(record(f"qa{i}", name, [(q, a) for _, q, a in qs]))
         else:
             for t, q, a in qs:
-                evals.append({"id": f"ev{i}-{t}", "type": t, "image": name, "conversations": [
-                    {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
-    paths = {"captions": out / "captions.json", "train": out / "train.json", "eval": out / "eval.json"}
-    for key, data in (("captions", captions), ("train", train), ("eval", evals)):
-        with open(paths[key], "w") as f:
-            json.dump(data, f)
-    return {k: str(v) for k, v in paths.items()}
+                evals.append(record(f"ev{i}-{t}", name, [(q, a)], t))
+    return write_splits(out, captions=captions, train=train, eval=evals)
