@@ -73,8 +73,9 @@ class ImageTokenCounter:
         if tiling is not None and not isinstance(tiling, TileSpec):
             tiling = TileSpec.from_config(tiling, tile)
         counter = cls(tuple(grid), connector.name, tuple(sorted(connector.options.items())), tiling)
+        tokens = counter.tokens_per_tile  # a connector that cannot take this grid says so now
         if tiling is not None and tiling.mode == "anyres":
-            TileSpec.feature_side(counter.tokens_per_tile)  # a clear error now, not at the first image
+            TileSpec.feature_side(tokens)  # a clear error now, not at the first image
         return counter
 
 
