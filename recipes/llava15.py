@@ -16,19 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from vlmkit.config import add_resume_args, apply_run_args, load_config  # noqa: E402
-from vlmkit.data.demo import relocate  # noqa: E402
+from vlmkit.data.demo import prepare, relocate  # noqa: E402
 from vlmkit.evaluate import demo_metrics  # noqa: E402
 from vlmkit.train import make_accelerator, run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-
-
-def prepare_demo(out: Path, n_train: int, size: int) -> None:
-    from vlmkit.data.demo import corpus, make_demo_data, train_tokenizer
-
-    # shapes centred in their quadrants (jitter 0): each fills the same 2 x 2 patches wherever it is
-    paths = make_demo_data(out / "data", n_train=n_train, n_eval=150, size=size, seed=0, jitter=0.0)
-    train_tokenizer(corpus([paths["captions"], paths["train"], paths["eval"]]), out / "tokenizer")
 
 
 def main(argv=None):
@@ -50,7 +42,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     if demo:
         if accelerator.is_main_process:
-            prepare_demo(out, args.demo_train_images, cfg.model.encoder.config["image_size"])
+            prepare(out, args.demo_train_images, cfg.model.encoder.config["image_size"])
         accelerator.wait_for_everyone()
     model, accelerator, stage_metrics = run(cfg, accelerator=accelerator)
     if not demo or not accelerator.is_main_process:

@@ -118,6 +118,15 @@ def make_demo_data(out_dir: str | Path, n_train: int = 3000, n_eval: int = 150, 
     return write_splits(out, captions=captions, train=train, eval=evals)
 
 
+def prepare(out: str | Path, n_train: int, size: int, n_eval: int = 150) -> dict:
+    """The demo's data under out/data and its tokenizer under out/tokenizer (what the demo configs name).
+    Shapes sit centred in their quadrants (jitter 0): each fills the same patches wherever it is."""
+    out = Path(out)
+    paths = make_demo_data(out / "data", n_train=n_train, n_eval=n_eval, size=size, seed=0, jitter=0.0)
+    train_tokenizer(corpus([paths["captions"], paths["train"], paths["eval"]]), out / "tokenizer")
+    return paths
+
+
 def corpus(path_list: list[str]) -> list[str]:
     texts = []
     for p in path_list:
