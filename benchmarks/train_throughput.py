@@ -24,6 +24,13 @@ and packed without gradients and the relative loss difference is reported as pac
 --gc-every K / --gc-skip N: selective checkpointing (every K-th decoder layer / not the last N).
 --compile: torch.compile each LLM decoder layer (dynamic shapes).
 
+Several GPUs: `accelerate launch --config_file recipes/accelerate/zero2.yaml --num_processes N
+benchmarks/train_throughput.py --distributed ...` runs the same step through accelerate (DDP, DeepSpeed
+ZeRO-2/3 or FSDP2 as the config says; `vlmkit.train.configure_engine` sets DeepSpeed's batch shape):
+each process trains --batch samples per step (its own slice of the workload), the loss is the token mean
+over all processes' labelled tokens, and the JSON line (printed by the main process) adds `world_size`,
+`samples_s_per_gpu` (samples/s over all GPUs / N) and `samples_s` for all of them together.
+
 Prints one JSON line with the peer's fields (impl "vlmkit"). With --lora / --qlora the LLM's weights
 are frozen, so the FLOPs are counted with the formula's stage-1 branch (LLM forward + input-gradient
 backward; the adapters' own FLOPs are not counted).
@@ -171,6 +178,8 @@ def parse_args(argv=None):
     p.add_argument("--no-pack-check", action="store_true", help="skip the padded-vs-packed loss check")
     p.add_argument("--peak", type=float, default=790.0, help="bf16 dense TFLOP/s of the device (MFU)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--distributed", action="store_true",
+                   help="run the step through accelerate (under `accelerate launch`: DDP / DeepSpeed / FSDP)")
     a = p.parse_args(argv)
     if (a.lora or a.qlora) and a.stage != 2:
         p.error("--lora / --qlora train adapters on the LLM: use --stage 2")
@@ -190,7 +199,14 @@ def main(argv=None) -> dict:
     from vlmkit.data.processor import collate
     from vlmkit.stages import apply_stage, format_table, param_groups, validate_plan
 
-    device = torch.device(a.device)
+    acc, world, rank = None, 1, 0
+    if a.distributed:
+        from vlmkit.config import TrainConfig
+        from vlmkit.train import make_accelerator
+
+        acc = make_accelerator(TrainConfig(log_with=None), cpu=a.device == "cpu")
+        world, rank = acc.num_processes, acc.process_index
+    device = acc.device if acc is not None else torch.device(a.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     t_build = time.perf_counter()
@@ -208,14 +224,24 @@ def main(argv=None) -> dict:
     model.train()
     opt = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=(0.9, 0.999), fused=cuda)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(stage.warmup_ratio * stage.max_steps), stage.max_steps)
+    if acc is not None:
+        from vlmkit.train import configure_engine, engine
+
+        configure_engine(acc, a.batch, 1, stage.max_grad_norm, model.llm.config.hidden_size)
+        model, opt = acc.prepare(model, opt)
+        print(f"rank {rank}/{world}: {engine(acc)}", file=sys.stderr)
     params = [q for q in model.parameters() if q.requires_grad]
     print(f"built in {time.perf_counter() - t_build:.0f}s; workload from {SOURCE}", file=sys.stderr)
 
-    vocab = model.llm.config.vocab_size
-    image_token = model.image_token_id
-    n = (a.warmup + a.steps) * a.batch
+    raw = acc.unwrap_model(model) if acc is not None else model
+    vocab = raw.llm.config.vocab_size
+    image_token = raw.image_token_id
+    n = (a.warmup + a.steps) * a.batch * world
     lens = [a.fixed_len] * n if a.fixed_len else text_lengths(n, a.stage)
-    size = model.encoder.image_size
+    if world > 1:  # process r trains samples [i * world + r] of the global workload at step i
+        lens = [l for i in range(a.warmup + a.steps) for l in lens[(i * world + rank) * a.batch:
+                                                                     (i * world + rank + 1) * a.batch]]
+    size = raw.encoder.image_size
     pix = torch.randn(a.batch, 3, size, size, device=device, dtype=dtype)
 
     def batch(i):  # the peer's batch: BOS, 576 image tokens, text; right-padded to the longest sample
@@ -246,7 +272,7 @@ def main(argv=None) -> dict:
     def to_device(b):
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
 
-    pad_id = model.tokenizer.pad_token_id
+    pad_id = raw.tokenizer.pad_token_id
 
     def packed_batch(i):  # vlmkit's collate(pack=True) over the same lengths
         s, ls = samples(i)
@@ -265,10 +291,18 @@ def main(argv=None) -> dict:
     def step(i):  # vlmkit.train.train_stage's step with one micro-batch on one process
         b, ls = make(i)
         n_items = int((b["labels"][:, 1:] != -100).sum())
-        loss = model(**b, num_items=n_items)
-        loss.backward()
-        if stage.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        if acc is None:
+            loss = model(**b, num_items=n_items)
+            loss.backward()
+            if stage.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        else:  # as train_stage: token mean over every process's labelled tokens
+            n_items = int(acc.reduce(torch.tensor(n_items, device=device), "sum"))
+            loss = model(**b, num_items=n_items)
+            acc.backward(loss * world)
+            if stage.max_grad_norm > 0:
+                acc.clip_grad_norm_(params, stage.max_grad_norm)
+            loss = acc.reduce(loss.detach(), "sum")
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -291,7 +325,7 @@ def main(argv=None) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     flop_stage = 1 if (a.lora or a.qlora) else a.stage
-    shapes = SimpleNamespace(vision_config=model.encoder.model.config, text_config=model.llm.config)
+    shapes = SimpleNamespace(vision_config=raw.encoder.model.config, text_config=raw.llm.config)
     real = padded = flops = 0
     t0 = time.perf_counter()
     for i in range(a.warmup, a.warmup + a.steps):
@@ -316,6 +350,11 @@ def main(argv=None) -> dict:
                loss=round(loss, 4), pack=a.pack, pack_max_tokens=a.pack_max_tokens, gc_every=a.gc_every,
                gc_skip=a.gc_skip, attn=a.attn, compile=a.compile,
                pack_check_rel=None if check is None else float(f"{check:.3g}"))
+    if acc is not None:  # this process's figures times the processes (the same work each): all GPUs together
+        res.update(world_size=world, engine=engine(acc), samples_s_per_gpu=res["samples_s"],
+                   samples_s=round(res["samples_s"] * world, 2))
+        if not acc.is_main_process:
+            return res
     print(json.dumps(res), flush=True)
     return res
 

@@ -7,6 +7,8 @@ The contract of a connector class:
     __init__(self, in_dim: int, out_dim: int, **options)
     forward(self, feats: Tensor[N, P, C], grid: tuple[int, int]) -> Tensor[N, P', D]
     num_tokens(cls_or_self, grid: tuple[int, int], **options) -> int  # P' for a (rows, cols) patch grid
+    grid_multiple(**options) -> int  # optional: both grid sides must be multiples of it (default 1);
+                                     # NaFlex tiling sizes each image's grid to it
 """
 import importlib
 import pkgutil

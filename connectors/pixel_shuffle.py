@@ -47,6 +47,11 @@ class PixelShuffleProjector(nn.Module):
         self.linear_2 = nn.Linear(out_dim, out_dim)
 
     @staticmethod
+    def grid_multiple(scale: float = 0.5) -> int:
+        """k: both sides of the patch grid must be multiples of it (NaFlex rounds each image's grid to it)."""
+        return shuffle_factor(scale)
+
+    @staticmethod
     def num_tokens(grid: tuple[int, int], scale: float = 0.5) -> int:
         k = shuffle_factor(scale, grid)
         return (grid[0] // k) * (grid[1] // k)

@@ -1,8 +1,10 @@
-"""benchmarks/train_throughput.py runs vlmkit's training step end to end (tiny shape, CPU, 2 steps)."""
+"""benchmarks/train_throughput.py runs vlmkit's training step end to end (tiny shape, CPU, 2 steps);
+benchmarks/data_throughput.py runs the training DataLoader over generated data, every tiling mode."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,3 +66,103 @@ def test_tiny_cpu_packed_run(bench, capsys):
     assert res["pack_check_rel"] <= 1e-5
     with pytest.raises(SystemExit):
         bench.parse_args(["--gc-every", "2"])  # needs --gc
+
+
+# ---- benchmarks/data_throughput.py: the training DataLoader over generated LLaVA-format data -------------------
+DATA_SCRIPT = SCRIPT.parent / "data_throughput.py"
+DATA_FIELDS = ("bench", "mode", "workers", "batch", "pack", "samples", "batches", "skipped", "seconds", "samples_s",
+               "images_s", "tiles_s", "images_s_per_worker", "tiles_s_per_worker", "tokens_s", "tiles_per_image",
+               "image_tokens_per_sample", "text_tokens_per_sample", "workload_text_tokens_per_sample")
+
+
+@pytest.fixture(scope="module")
+def data_bench():
+    spec = importlib.util.spec_from_file_location("data_throughput", DATA_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench_files(data_bench, tmp_path_factory):
+    """8 samples over 4 generated images, a 1,000-word BPE (small: seconds)."""
+    return data_bench.make_dataset_files(tmp_path_factory.mktemp("data_bench"), 8, 4, 1000, seed=0)
+
+
+def test_data_bench_every_mode_prints_its_fields(data_bench, capsys):
+    res = data_bench.main(["--mode", "all", "--samples", "6", "--batch", "3", "--workers", "0", "--images", "3",
+                           "--vocab", "1000", "--vs-train-rate", "2.0"])
+    out = capsys.readouterr()
+    assert [json.loads(line) for line in out.out.strip().splitlines()] == res
+    assert [r["mode"] for r in res] == ["none", "anyres", "internvl"]
+    for r in res:
+        for key in DATA_FIELDS:
+            assert key in r, (r["mode"], key)
+        assert r["bench"] == "data_loader" and r["workers"] == 0 and r["batch"] == 3 and r["pack"] is False
+        assert (r["samples"], r["batches"], r["skipped"]) == (6, 2, 0)  # one whole timed pass
+        assert r["samples_s"] > 0 and r["images_s"] == r["samples_s"]  # one image per sample
+        assert r["images_s_per_worker"] == r["images_s"]  # --workers 0: the main process does the work
+        assert r["tiles_s"] == pytest.approx(r["images_s"] * r["tiles_per_image"], rel=1e-2)
+        assert r["loader_vs_train"] == round(r["samples_s"] / 2.0, 2)
+        assert f"{r['mode']}: loader {r['samples_s']:.2f} samples/s with 0 worker(s)" in out.err
+    none, anyres, internvl = res
+    assert (none["tile_px"], none["tiles_per_image"], none["image_tokens_per_sample"]) == (336, 1, 576)
+    assert anyres["tile_px"] == 336 and 3 <= anyres["tiles_per_image"] <= 5  # base tile + 2..4 (LLaVA-NeXT grids)
+    assert internvl["tile_px"] == 448 and internvl["encoder"] == "internvit" and 1 < internvl["tiles_per_image"] <= 13
+
+
+def test_data_bench_text_lengths_are_the_workloads_in_tokens(data_bench, bench_files):
+    """Every generated conversation's text (BOS, system prompt, roles, turns) is exactly its workload length."""
+    from vlmkit.data.conversation import encode, get_template, normalize
+    from vlmkit.llm import load_tokenizer
+
+    assert bench_files["lengths"] == [276, 225, 417, 272, 163, 334, 710, 533]  # workload.text_lengths(8, 2, seed 0)
+    tok = load_tokenizer(bench_files["tokenizer"], "<image>")
+    assert len(tok) == 1001  # the trained vocabulary + <image>
+    records = json.loads(Path(bench_files["json"]).read_text())
+    got = [len(encode(normalize(r["conversations"]), tok, get_template("vicuna_v1"), "<image>", -1, [0])[0])
+           for r in records]
+    assert got == bench_files["lengths"]
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+
+
+def test_data_bench_loader_yields_every_tile_and_token(data_bench, bench_files):
+    """One timed pass yields each sample once, with the tiles and placeholders the published tiling gives its image
+    (LLaVA-NeXT pinpoints at 336 px; InternVL 1..12 tiles + thumbnail at 448 px); packing and a worker process
+    change none of it."""
+    from PIL import Image
+
+    from vlmkit import tiling as T
+
+    folder = Path(bench_files["image_folder"])
+    records = json.loads(Path(bench_files["json"]).read_text())
+    sizes = [Image.open(folder / r["image"]).size for r in records]  # (width, height)
+    pins = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]  # LLaVA-NeXT's, (height, width)
+    anyres_tiles = [1 + math.prod(T.anyres_grid(s, pins, 336)) for s in sizes]
+    internvl_tiles = [T.internvl_num_tiles(s, 448, 1, 12, True) for s in sizes]
+    assert max(internvl_tiles) > 1 and min(anyres_tiles) >= 3
+    text = sum(bench_files["lengths"]) / len(records)
+    a = data_bench.parse_args(["--batch", "3", "--workers", "0"])
+    for mode, tiles, tokens in (
+            ("none", [1] * len(sizes), [576] * len(sizes)),
+            ("anyres", anyres_tiles, [T.anyres_num_tokens(s, pins, 336, 24) for s in sizes]),
+            ("internvl", internvl_tiles, None)):
+        r = data_bench.run_mode(mode, bench_files, a, 0)
+        tokens = tokens or [r["tokens_per_tile"] * n for n in tiles]
+        assert (r["samples"], r["batches"], r["skipped"]) == (8, 3, 0), mode
+        assert r["tiles_per_image"] == round(sum(tiles) / len(tiles), 3), mode
+        assert r["image_tokens_per_sample"] == round(sum(tokens) / len(tokens), 1), mode
+        assert r["text_tokens_per_sample"] == round(text, 1) == r["workload_text_tokens_per_sample"], mode
+    r = data_bench.run_mode("none", bench_files, data_bench.parse_args(["--batch", "4", "--pack"]), 1)
+    assert (r["workers"], r["pack"], r["samples"], r["batches"]) == (1, True, 8, 2)
+    assert r["images_s_per_worker"] == r["images_s"] > 0 and r["text_tokens_per_sample"] == round(text, 1)
+
+
+def test_data_bench_rejects_bad_flags(data_bench):
+    for argv in (["--workers", "-1"], ["--workers", "two"], ["--samples", "0"], ["--mode", "tiles"]):
+        with pytest.raises(SystemExit):
+            data_bench.parse_args(argv)
+    assert data_bench.parse_args(["--workers", "0,1,2"]).workers == [0, 1, 2]
+    from vlmkit.config import DataConfig
+
+    assert data_bench.parse_args([]).workers == [DataConfig().num_workers]  # as training uses

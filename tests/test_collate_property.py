@@ -72,3 +72,28 @@ def test_packed_collate_keeps_every_sample_intact(ss, max_tokens):
         for r in range(b["input_ids"].shape[0]):
             assert int(b["attention_mask"][r].sum()) <= max(max_tokens, max(len(s["input_ids"]) for s in kept))
     assert torch.equal(b["pixel_values"], torch.cat([s["pixel_values"] for s in kept]))
+
+
+def test_collate_in_a_worker_gives_the_same_batches():
+    """In a data-loader worker the tiles are concatenated straight into shared memory (`cat_pixels`): the batches
+    the training process receives equal in-process collation, padded and packed, with and without images."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.arange(1, 3 + k), "labels": torch.arange(1, 3 + k),
+             "pixel_values": torch.randn(k % 3, 3, 4, 4, generator=g), "id": k} for k in range(8)]
+    for pack in (False, True):
+        fn = partial(collate, pad_id=PAD, pack=pack)
+        got = list(DataLoader(data, batch_size=3, num_workers=1, collate_fn=fn))
+        want = [fn(data[i:i + 3]) for i in range(0, 8, 3)]
+        assert len(got) == len(want) == 3
+        for b, w in zip(got, want):
+            assert b.keys() == w.keys()
+            for key in w:
+                if torch.is_tensor(w[key]):
+                    assert b[key].dtype == w[key].dtype and torch.equal(b[key], w[key]), (pack, key)
+                else:
+                    assert b[key] == w[key], (pack, key)
+    assert [tuple(b["pixel_values"].shape) for b in got] == [(3, 3, 4, 4), (3, 3, 4, 4), (1, 3, 4, 4)]

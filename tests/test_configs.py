@@ -51,7 +51,13 @@ def test_unknown_key_is_named_with_its_path():
     with pytest.raises(ConfigError, match=r"stages\[0\]\.data: unknown keys \['max_lenght'\]"):
         from_dict(RunConfig, bad)
     cfg = from_dict(RunConfig, MINIMAL)
-    assert cfg.stages[0].lr == 2e-5 and cfg.model.encoder.feature_layer == -2
+    assert cfg.stages[0].lr == 2e-5 and cfg.model.encoder.feature_layer is None  # the kind's default:
+    import dataclasses
+
+    from vlmkit.encoders import encoder_geometry
+
+    enc = dataclasses.replace(cfg.model.encoder, config={"image_size": 64})  # a multiple of CLIP's default patch 32
+    assert encoder_geometry(enc).layout.layer == -2  # clip: LLaVA-1.5's second-to-last layer
 
 
 @pytest.mark.parametrize("patch,needle", [

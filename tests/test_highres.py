@@ -3,6 +3,7 @@
 The property that matters: for every tiling mode and every image size, the placeholders the
 processor writes equal the features the model merges, image by image and sample by sample.
 Tiny CLIP (16px tiles, patch 4: 16 tokens per tile) + mlp2x_gelu + tiny Llama; sizes are (width, height).
+Mode naflex runs the tiny NaFlex SigLIP 2 (patch 4, at most 16 patches per image) instead of CLIP.
 """
 import json
 import math
@@ -31,6 +32,7 @@ MODES = {
     "anyres_max": TilingConfig("anyres", PINS, anyres_max=2),
     "anyres_llava_next": TilingConfig("anyres"),  # LLaVA-NeXT's default canvases
     "internvl": TilingConfig("internvl", max_tiles=6),
+    "naflex": TilingConfig("naflex"),  # SigLIP 2: one image, its own patch grid (tests/test_naflex.py)
 }
 EXTREME = [(1, 1), (1, 2), (2, 1), (1, 20_000), (20_000, 1), (3, 5_000), (5_000, 3), (16, 16), (17, 16),
            (32, 16), (16, 32), (48, 16), (16, 48), (47, 47), (64, 64), (400, 300), (300, 400)]
@@ -51,7 +53,8 @@ def random_sizes(n: int, seed: int, max_side: int = 20_000, max_area: int = 400_
 
 
 def tiled_config(encoder_dirs, llm_dir, tiling: TilingConfig) -> ModelConfig:
-    cfg = model_config(encoder_dirs["clip"], llm_dir)
+    case = "siglip2_naflex" if tiling.mode == "naflex" else "clip"
+    cfg = model_config(encoder_dirs[case], llm_dir, case)
     cfg.tiling = tiling
     return cfg
 
@@ -158,9 +161,10 @@ def test_placeholders_equal_merged_features_for_any_size(models, mode):
 
 @settings(max_examples=300, deadline=None, database=None, derandomize=True)
 @given(w=st.integers(1, 100_000), h=st.integers(1, 100_000), n=st.integers(1, 4),
-       mode=st.sampled_from(sorted(set(MODES) - {"none"})))
+       mode=st.sampled_from(sorted(set(MODES) - {"none", "naflex"})))
 def test_counter_equals_pack_length(w, h, n, mode):
-    """Without images: the counter's count is the length `pack` gives for that many tiles (any size)."""
+    """Without images: the counter's count is the length `pack` gives for that many tiles (any size).
+    (naflex: one tile of its own grid; test_naflex runs each connector on each grid instead.)"""
     spec = TileSpec.from_config(MODES[mode], 16)
     counter = ImageTokenCounter((4, 4), "mlp2x_gelu", (), spec)
     feats = torch.zeros(counter.num_tiles(w, h, n), 16, 8)

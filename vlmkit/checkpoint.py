@@ -32,6 +32,8 @@ STATE_NAME = "trainer_state.json"
 RNG_NAME = "rng_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 METRICS_NAME = "metrics.json"
+ENGINE_DIR = "engine"
+"""Under DeepSpeed / FSDP: the sharded optimizer (and engine) state in accelerate's `save_state` layout."""
 FORMAT = 1
 _CKPT_RE = re.compile(r"checkpoint-(\d+)")
 
@@ -79,6 +81,14 @@ def json_writer(data, indent: int | None = 2) -> callable:
 def torch_writer(obj) -> callable:
     def write(path: Path) -> None:
         torch.save(obj, path)
+    return write
+
+
+def move_writer(src: Path) -> callable:
+    """A `save_pretrained(extra_files=...)` writer that moves the folder `src` (written by every process)
+    into place: a rename, on the same file system."""
+    def write(path: Path) -> None:
+        Path(src).rename(path)
     return write
 
 

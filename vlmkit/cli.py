@@ -3,7 +3,8 @@
     vlmkit train CONFIG.yaml                 (or: accelerate launch -m vlmkit.cli train CONFIG.yaml)
     vlmkit eval MODEL_DIR --data eval.json   accuracy against reference answers
     vlmkit chat MODEL_DIR --image cat.png --prompt "What is this?"   one-shot; without --prompt: interactive
-    vlmkit export RUN_OR_MODEL_DIR OUT_DIR   transformers-native LlavaForConditionalGeneration + processor
+    vlmkit export RUN_OR_MODEL_DIR OUT_DIR   transformers-native Llava / LlavaNext / InternVL (picked from the parts)
+    vlmkit import HF_DIR_OR_HUB_ID OUT_DIR   a Llava / LlavaNext / InternVL checkpoint -> a vlmkit model folder
     vlmkit check-data --config RUN.yaml      scan every stage's data for bad samples (exit 1 if any)
     vlmkit check-data data.json --model MODEL_DIR --json report.json
 """
@@ -89,13 +90,24 @@ def cmd_chat(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_llava
+    from .export import EXPORT_TYPES, export_model
     from .model import resolve_model_dir
 
     src = resolve_model_dir(args.model)
-    out = export_llava(src, args.out_dir, template=args.template)
-    print(f"exported {src} -> {out} (LlavaForConditionalGeneration; load with AutoModelForImageTextToText "
+    out = export_model(src, args.out_dir, template=args.template)
+    model_type = json.loads((Path(out) / "config.json").read_text())["model_type"]
+    print(f"exported {src} -> {out} ({EXPORT_TYPES[model_type]}; load with AutoModelForImageTextToText "
           f"and AutoProcessor)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .export import import_model
+
+    model = import_model(args.source, template=args.template, image_aspect=args.image_aspect)
+    model.save_pretrained(args.out_dir)
+    print(f"imported {args.source} -> {args.out_dir} (vlmkit model folder: encoder {model.encoder.kind}, "
+          f"connector {model.config.connector.name}, tiling {model.config.tiling.mode})")
     return 0
 
 
@@ -139,11 +151,19 @@ def main(argv=None) -> int:
     c.add_argument("--top-p", type=float, default=0.9)
     c.set_defaults(fn=cmd_chat)
 
-    x = sub.add_parser("export", help="export to transformers-native Llava (AutoModelForImageTextToText)")
+    x = sub.add_parser("export", help="export to transformers-native Llava / LlavaNext / InternVL "
+                                      "(AutoModelForImageTextToText)")
     x.add_argument("model", help="a model folder, or a run folder (its model/ is used)")
     x.add_argument("out_dir")
     x.add_argument("--template", help="chat template to write (default: the model's)")
     x.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("import", help="a transformers-native Llava / LlavaNext / InternVL checkpoint -> vlmkit folder")
+    m.add_argument("source", help="a local folder or a hub id")
+    m.add_argument("out_dir")
+    m.add_argument("--template", help="vlmkit chat template (default: inferred from the checkpoint's)")
+    m.add_argument("--image-aspect", choices=("pad", "resize"), help="Llava only (default: from its image processor)")
+    m.set_defaults(fn=cmd_import)
 
     k = sub.add_parser("check-data", help="scan datasets for bad samples before training (exit 1 if any)")
     k.add_argument("data", nargs="*", help="LLaVA-format JSON/JSONL files or HF datasets "

@@ -30,13 +30,14 @@ class EncoderConfig:
     """A vision encoder: a registered kind plus a hub id / local dir, or a config for random weights."""
 
     name: str = "clip"
-    """Registry key: clip | siglip2 | dinov2 | internvit."""
+    """Registry key: clip | siglip2 | dinov2 | internvit | hf (any AutoModel vision backbone) | fused."""
     path: str | None = None
     """Hub id or local directory (save_pretrained layout). None: random weights from `config`."""
     config: dict[str, Any] | None = None
     """transformers config kwargs used when `path` is None (or to override a loaded config)."""
-    feature_layer: int = -2
-    """Index into hidden_states; -2 is LLaVA-1.5's second-to-last layer."""
+    feature_layer: int | None = None
+    """Index into hidden_states; None: the kind's default (-2, LLaVA-1.5's second-to-last layer; internvit -1;
+    hf: -2 for a ViT-like model, -1 = the last stage for a hierarchical one such as Swin or ConvNeXt)."""
     image_aspect: str = "pad"
     """pad: pad to a square with the mean colour (LLaVA-1.5); resize: stretch to the square."""
     image_size: int | None = None
@@ -46,12 +47,35 @@ class EncoderConfig:
     image_std: list[float] | None = None
     trust_remote_code: bool = False
     """Let transformers run Python code shipped with a hub checkpoint (never on unless asked)."""
+    members: list[EncoderConfig] | None = None
+    """name fused: the encoders run side by side (features concatenated per patch; their grids must agree).
+    The first member's image size and normalisation are the fused input's."""
 
     def __post_init__(self):
         if not isinstance(self.trust_remote_code, bool):
             raise ConfigError(f"encoder.trust_remote_code must be true or false, got {self.trust_remote_code!r}")
+        if self.name == "fused" or self.members is not None:
+            self._check_fused()
+            return
         if self.path is None and self.config is None:
             raise ConfigError("encoder: give `path` (hub id or local dir) or `config` (random weights)")
+        if self.image_aspect not in ("pad", "resize"):
+            raise ConfigError(f"encoder.image_aspect must be pad or resize, got {self.image_aspect!r}")
+
+    def _check_fused(self) -> None:
+        if self.name != "fused":
+            raise ConfigError(f"encoder.members is only for name: fused (got name {self.name!r})")
+        if not isinstance(self.members, list) or len(self.members) < 2:
+            raise ConfigError(f"encoder fused needs `members`: a list of at least 2 encoders, got {self.members!r}")
+        self.members = [m if isinstance(m, EncoderConfig) else from_dict(EncoderConfig, m, f"encoder.members[{i}]")
+                        for i, m in enumerate(self.members)]
+        if any(m.name == "fused" for m in self.members):
+            raise ConfigError("encoder fused: a member cannot itself be fused")
+        own = {k: getattr(self, k) for k in ("path", "config", "feature_layer", "image_size", "image_mean",
+                                            "image_std") if getattr(self, k) is not None}
+        if own:
+            raise ConfigError(f"encoder fused: set {sorted(own)} on its members, not on the fused encoder (the "
+                              "first member's image size and normalisation are the input's)")
         if self.image_aspect not in ("pad", "resize"):
             raise ConfigError(f"encoder.image_aspect must be pad or resize, got {self.image_aspect!r}")
 
@@ -128,7 +152,7 @@ class LLMConfig:
             raise ConfigError("llm: a random LLM needs `tokenizer` (a local dir or hub id)")
 
 
-TILING_MODES = ("none", "anyres", "internvl")
+TILING_MODES = ("none", "anyres", "internvl", "naflex")
 LLAVA_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 """LLaVA-NeXT's AnyRes canvases in tiles, (rows, cols): x 336 px they are its image_grid_pinpoints."""
 
@@ -140,11 +164,13 @@ class TilingConfig:
     none: one tile per image (the encoder's square input; LLaVA-1.5). anyres: LLaVA-NeXT (a base
     tile first, then the best-fitting canvas cut row-major; with `unpad` the padding is cropped from
     the features and a learned `image_newline` ends each feature row). internvl: InternVL dynamic
-    tiling (row-major tiles of the closest-aspect grid, then a thumbnail).
+    tiling (row-major tiles of the closest-aspect grid, then a thumbnail). naflex: SigLIP 2 NaFlex (a
+    siglip2_vision_model encoder; each image resized keeping its aspect ratio to at most `max_num_patches`
+    patches, its own patch grid and so its own number of tokens).
     """
 
     mode: str = "none"
-    """none | anyres | internvl."""
+    """none | anyres | internvl | naflex."""
     grid_pinpoints: str | list[list[int]] | None = None
     """anyres canvases: a range "(1x1),...,(3x3)" in tiles (rows x cols), a list of [height, width] pixel
     pairs (transformers' image_grid_pinpoints; multiples of the tile), or None: LLaVA-NeXT's 1x2, 2x1,
@@ -161,6 +187,9 @@ class TilingConfig:
     """internvl: per sample; with n images each gets max(1, max_tiles // n)."""
     thumbnail: bool = True
     """internvl: add the whole image as a last tile when there is more than one tile."""
+    max_num_patches: int | None = None
+    """naflex: at most this many patches per image (the SigLIP 2 processor's max_num_patches); None: the
+    checkpoint's num_patches (256 for google/siglip2-*-naflex)."""
 
     def __post_init__(self):
         if self.mode not in TILING_MODES:
@@ -184,6 +213,12 @@ class TilingConfig:
                     raise ConfigError(f"tiling.anyres_max must be a positive integer or null, got {self.anyres_max!r}")
                 if not self.unpad:
                     raise ConfigError("tiling.anyres_max needs unpad: true (LLaVA-OneVision downscales the unpadded grid)")
+        if self.max_num_patches is not None:
+            if self.mode != "naflex":
+                raise ConfigError(f"tiling.max_num_patches is a naflex option; mode is {self.mode!r}")
+            v = self.max_num_patches
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"tiling.max_num_patches must be a positive integer or null, got {v!r}")
         if self.mode == "internvl" and not 1 <= self.min_tiles <= self.max_tiles:
             raise ConfigError(f"tiling: need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
 
@@ -291,8 +326,13 @@ class StageConfig:
     gradient_checkpointing_skip: int = 0
     """With gradient_checkpointing: leave this many of the LLM's last decoder layers un-checkpointed (a finer
     memory / speed trade than `gradient_checkpointing_every`)."""
+    compile: bool = False
+    """torch.compile each LLM decoder layer for this stage's training (`VLM.compile_decoder_layers`, dynamic
+    shapes): the first steps are slower while it compiles, later ones faster on GPU."""
 
     def __post_init__(self):
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"stage {self.name!r}: compile must be true or false, got {self.compile!r}")
         for key in ("gradient_checkpointing_every", "gradient_checkpointing_skip"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key.endswith("every") else 0):

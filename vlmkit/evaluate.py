@@ -63,7 +63,7 @@ def evaluate(model, path: str, image_folder: str = "", blank_images: bool = Fals
             raise ValueError(f"{path}: sample {i} (id={sid}): the last turn must be the reference answer")
         p = processor(rec["conversations"][:-1], ds.images(rec), add_generation_prompt=True)
         if blank_images:
-            p["pixel_values"] = processor.transform.blank().expand_as(p["pixel_values"]).clone()
+            p["pixel_values"] = processor.blank_like(p["pixel_values"])
         prompts.append(p)
         rows.append({"index": i, "id": sid, "type": rec.get("type", "all"), "ref": turns[-1]["content"].strip()})
     answers = generate_answers(model, prompts, batch_size, max_new_tokens, progress and rank == 0)

@@ -9,6 +9,10 @@ from here, over the pure functions of `vlmkit.tiling`:
     model side  VLM            pack(tile features)     -> the image's token sequence [num_tokens, D]
 
 Image sizes are (width, height), as PIL's `Image.size`.
+
+Mode naflex (SigLIP 2) is one variable-size "tile" per image: `split` resizes it to its own patch grid
+(`grid(size)`, (rows, cols)), the processor sends its patches, and the count is the connector's for that
+grid (`ImageTokenCounter`), so each image has its own number of tokens.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from . import tiling as T
 
 @dataclass(frozen=True)
 class TileSpec:
-    """A tiling mode (anyres | internvl) at a tile size. Frozen and picklable (data-loader workers)."""
+    """A tiling mode (anyres | internvl | naflex) at a tile size. Frozen and picklable (data-loader workers)."""
 
     mode: str
     tile: int
@@ -35,12 +39,21 @@ class TileSpec:
     min_tiles: int = 1
     max_tiles: int = 12
     thumbnail: bool = True
+    patch: int = 0
+    """naflex: the encoder's patch side in pixels."""
+    max_num_patches: int = 0
+    """naflex: at most this many patches per image."""
+    multiple: int = 1
+    """naflex: both sides of every patch grid are multiples of it (the connector's `grid_multiple`)."""
 
     @classmethod
-    def from_config(cls, cfg: TilingConfig | None, tile: int) -> TileSpec | None:
-        """None for mode none (one tile per image, no tiling)."""
+    def from_config(cls, cfg: TilingConfig | None, tile: int, geometry=None, multiple: int = 1) -> TileSpec | None:
+        """None for mode none (one tile per image, no tiling). naflex needs `geometry`, the encoder's
+        EncoderGeometry (patch size; num_patches, the default max_num_patches), and the grid `multiple`."""
         if cfg is None or cfg.mode == "none":
             return None
+        if cfg.mode == "naflex":
+            return cls.naflex(cfg, geometry, multiple)
         if cfg.mode == "anyres":
             if cfg.grid_pinpoints is None:
                 pins = [(r * tile, c * tile) for r, c in LLAVA_NEXT_GRIDS]
@@ -53,6 +66,22 @@ class TileSpec:
             return cls("anyres", tile, tuple(pins), cfg.anyres_max, cfg.unpad)
         return cls("internvl", tile, min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles, thumbnail=cfg.thumbnail)
 
+    @classmethod
+    def naflex(cls, cfg: TilingConfig, geometry, multiple: int = 1) -> TileSpec:
+        """SigLIP 2 NaFlex over a NaFlex encoder's geometry; `multiple` k: grids of k x k patch blocks."""
+        if geometry is None or getattr(geometry, "naflex_patches", None) is None:
+            size = getattr(geometry, "image_size", None)
+            raise ValueError("tiling.mode naflex needs a NaFlex SigLIP 2 encoder (name: siglip2 with a "
+                             "siglip2_vision_model checkpoint, e.g. google/siglip2-base-patch16-naflex); this encoder "
+                             f"takes a fixed {size}x{size} input (a fused encoder, or a model with a fixed position "
+                             "table): use tiling none, anyres or internvl")
+        max_patches = cfg.max_num_patches or geometry.naflex_patches
+        if max_patches < multiple * multiple:
+            raise ValueError(f"tiling.max_num_patches {max_patches} is below one {multiple}x{multiple} block of "
+                             f"patches, the least the connector takes (grid sides must be multiples of {multiple})")
+        return cls("naflex", geometry.image_size, patch=geometry.patch_size, max_num_patches=max_patches,
+                   multiple=multiple)
+
     # ---- tiles ---------------------------------------------------------------------------
     def _bounds(self, n_images: int) -> tuple[int, int]:
         """internvl (min, max) tiles of one image in a sample of `n_images` images."""
@@ -60,9 +89,12 @@ class TileSpec:
         return min(self.min_tiles, hi), hi
 
     def grid(self, size, n_images: int = 1) -> tuple[int, int]:
-        """anyres: (rows, cols); internvl: (cols, rows), as in vlmkit.tiling."""
+        """anyres: (rows, cols) of tiles; internvl: (cols, rows) of tiles, as in vlmkit.tiling; naflex: the
+        image's patch grid (rows, cols) (SigLIP 2's spatial_shapes)."""
         if self.mode == "anyres":
             return T.anyres_grid(size, self.pinpoints, self.tile)
+        if self.mode == "naflex":
+            return T.naflex_grid(size, self.patch, self.max_num_patches, self.multiple)
         return T.internvl_grid(size, self.tile, *self._bounds(n_images))
 
     def num_tiles(self, size, n_images: int = 1) -> int:
@@ -70,13 +102,17 @@ class TileSpec:
         if self.mode == "anyres":
             rows, cols = self.grid(size)
             return 1 + rows * cols
+        if self.mode == "naflex":
+            return 1
         return T.internvl_num_tiles(size, self.tile, *self._bounds(n_images), self.thumbnail)
 
     def split(self, image: Image.Image, n_images: int = 1, fill=(0, 0, 0)) -> list[Image.Image]:
         """anyres: base tile, then the canvas row-major (padded with `fill`, black as LLaVA-NeXT);
-        internvl: row-major tiles, then the thumbnail."""
+        internvl: row-major tiles, then the thumbnail; naflex: the image resized to its own patch grid."""
         if self.mode == "anyres":
             return T.anyres_tiles(image, self.pinpoints, self.tile, fill=fill)
+        if self.mode == "naflex":
+            return [T.naflex_resize(image, self.patch, self.max_num_patches, self.multiple)]
         return T.internvl_tiles(image, self.tile, *self._bounds(n_images), self.thumbnail)
 
     # ---- tokens --------------------------------------------------------------------------
@@ -88,7 +124,8 @@ class TileSpec:
         return g
 
     def num_tokens(self, size, tokens_per_tile: int, n_images: int = 1) -> int:
-        """Placeholder count of one image: what `pack` returns for it."""
+        """Placeholder count of one image: what `pack` returns for it. naflex: `tokens_per_tile` must be the
+        connector's count for this image's own grid (ImageTokenCounter passes it)."""
         if self.mode == "anyres" and self.unpad:
             g = self.feature_side(tokens_per_tile)
             return T.anyres_num_tokens(size, self.pinpoints, self.tile, g, self.anyres_max)
@@ -101,8 +138,8 @@ class TileSpec:
 
     def pack(self, feats: torch.Tensor, size, image_newline: torch.Tensor | None = None) -> torch.Tensor:
         """One image's tile features [n_tiles, P, D] (in `split` order) -> its tokens [num_tokens, D]."""
-        if self.mode == "internvl":
-            return feats.reshape(-1, feats.shape[-1])  # tiles row-major, thumbnail last
+        if self.mode in ("internvl", "naflex"):
+            return feats.reshape(-1, feats.shape[-1])  # tiles row-major, thumbnail last; naflex: its one "tile"
         if self.unpad:
             return T.pack_anyres_features(feats, size, self.pinpoints, self.tile, image_newline, self.anyres_max)
         # LLaVA-NeXT `spatial`: base tile, then the whole (rows*g) x (cols*g) grid row by row, no newline

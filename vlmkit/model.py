@@ -46,7 +46,8 @@ class ImageTokenCounter:
     Used by the data side (to expand `<image>`) and the model side (to check the merge, per image).
     Without tiling every image is one tile of `tokens_per_tile`; with it the count comes from the
     TileSpec (AnyRes: tiling.anyres_num_tokens; InternVL: tiles x tokens per tile, the tile budget
-    depending on `n_images`, the number of images in the sample). Picklable, so data-loader workers carry it.
+    depending on `n_images`, the number of images in the sample; NaFlex: the connector's count for the
+    image's own patch grid). Picklable, so data-loader workers carry it.
     """
 
     grid: tuple[int, int]
@@ -56,11 +57,18 @@ class ImageTokenCounter:
 
     @property
     def tokens_per_tile(self) -> int:
-        return CONNECTORS.get(self.connector).num_tokens(self.grid, **dict(self.options))
+        """Tokens of one tile at the encoder's own grid (naflex: of a square image at its native size)."""
+        return self.tokens_for_grid(self.grid)
+
+    def tokens_for_grid(self, grid: tuple[int, int]) -> int:
+        """Tokens the connector makes of a (rows, cols) patch grid."""
+        return CONNECTORS.get(self.connector).num_tokens(tuple(grid), **dict(self.options))
 
     def __call__(self, width: int, height: int, n_images: int = 1) -> int:
         if self.tiling is None:
             return self.tokens_per_tile
+        if self.tiling.mode == "naflex":  # each image its own patch grid
+            return self.tiling.num_tokens((width, height), self.tokens_for_grid(self.tiling.grid((width, height))))
         return self.tiling.num_tokens((width, height), self.tokens_per_tile, n_images)
 
     def num_tiles(self, width: int, height: int, n_images: int = 1) -> int:
@@ -68,10 +76,14 @@ class ImageTokenCounter:
 
     @classmethod
     def for_config(cls, grid: tuple[int, int], connector: ConnectorConfig, tiling=None,
-                   tile: int | None = None) -> ImageTokenCounter:
-        """`tiling`: a TilingConfig (needs `tile`, the encoder's input side) or a TileSpec; None: no tiling."""
+                   tile: int | None = None, geometry=None) -> ImageTokenCounter:
+        """`tiling`: a TilingConfig (needs `tile`, the encoder's input side; naflex: `geometry`, the encoder's
+        EncoderGeometry) or a TileSpec; None: no tiling. naflex grids are rounded to the connector's
+        `grid_multiple` (pixel_shuffle: k x k blocks)."""
         if tiling is not None and not isinstance(tiling, TileSpec):
-            tiling = TileSpec.from_config(tiling, tile)
+            conn = CONNECTORS.get(connector.name)
+            multiple = conn.grid_multiple(**connector.options) if hasattr(conn, "grid_multiple") else 1
+            tiling = TileSpec.from_config(tiling, tile, geometry, multiple)
         counter = cls(tuple(grid), connector.name, tuple(sorted(connector.options.items())), tiling)
         tokens = counter.tokens_per_tile  # a connector that cannot take this grid says so now
         if tiling is not None and tiling.mode == "anyres":
@@ -97,7 +109,7 @@ def build_processor(config: ModelConfig, template: str | None = None, tokenizer=
         tokenizer = load_tokenizer(config.llm.tokenizer or config.llm.path, config.llm.image_token,
                                    trust_remote_code=config.llm.trust_remote_code)
     geo = encoder_geometry(config.encoder)
-    counter = ImageTokenCounter.for_config(geo.grid, config.connector, config.tiling, geo.image_size)
+    counter = ImageTokenCounter.for_config(geo.grid, config.connector, config.tiling, geo.image_size, geo)
     return make_processor(config, tokenizer, geo, counter, template)
 
 
@@ -110,6 +122,15 @@ def load_processor(path: str | os.PathLike, template: str | None = None) -> Proc
         config = from_dict(ModelConfig, json.load(f)["model"], "model")
     config.llm.tokenizer = str(path)
     return build_processor(config, template)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """An FSDP2 shard (a DTensor parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def fsync_dir(path: Path) -> None:
@@ -137,7 +158,7 @@ class VLM(nn.Module):
         self.tokenizer = tokenizer
         self.image_token_id = add_image_token(tokenizer, config.llm.image_token)
         self.count_image_tokens = ImageTokenCounter.for_config(encoder.grid, config.connector, config.tiling,
-                                                               encoder.image_size)
+                                                               encoder.image_size, encoder.geometry)
         self.tiling = self.count_image_tokens.tiling  # TileSpec or None
         if self.tiling is not None and self.tiling.uses_newline:
             # LLaVA-NeXT: appended after each row of AnyRes features; init randn / sqrt(D)
@@ -146,6 +167,16 @@ class VLM(nn.Module):
         else:
             self.image_newline = None
         self.adapters: dict[str, nn.Module] = {}  # component -> peft LoraModel (not a submodule)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The encoder's and LLM's block classes (transformers' `_no_split_modules`): what FSDP's
+        transformer-based wrap policy (recipes/accelerate/fsdp2.yaml) shards as one unit each."""
+        names = set(getattr(self.llm, "_no_split_modules", None) or [])
+        for tower in getattr(self.encoder, "members", [self.encoder]):  # a fused encoder: each member's model
+            names |= set(getattr(tower.model, "_no_split_modules", None) or [])
+        present = {type(m).__name__ for m in self.modules()}  # e.g. CLIP's list names text-side classes too
+        return sorted(names & present)
 
     def components(self) -> dict[str, nn.Module | nn.Parameter]:
         """The parts a stage plan can name (`image_newline` only when AnyRes with unpad uses it)."""
@@ -281,22 +312,23 @@ class VLM(nn.Module):
             for k, v in mapped.items():
                 own[k].copy_(v)
 
-    def save_pretrained(self, path: str | os.PathLike, extra_files: dict | None = None) -> None:
+    def save_pretrained(self, path: str | os.PathLike, extra_files: dict | None = None,
+                        weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write config, weights and tokenizer to a temporary folder, fsync it, then move it into place.
 
         `extra_files`: file name -> function writing that file (given its path) into the temporary folder,
         so that it appears together with the model or not at all (a training checkpoint's state).
         A crash midway leaves only a `.<name>.*` temporary folder, which readers ignore.
+        `weights`: the weights to write instead of this module's own (a state dict gathered from ZeRO-3 / FSDP
+        shards, where the module itself holds only its part).
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            enc = self.encoder
             cfg = replace(
                 self.config,
-                encoder=replace(self.config.encoder, path=None, config=enc.model.config.to_dict(),
-                                image_size=enc.image_size, image_mean=list(enc.mean), image_std=list(enc.std)),
+                encoder=self.encoder.saved_config(self.config.encoder),  # transformers config(s) inline
                 # a 4-bit LLM is saved dequantized (see _state_to_save): the folder holds a plain model
                 llm=replace(self.config.llm, path=None, tokenizer=".", quantization=None,
                             config={k: v for k, v in self.llm.config.to_dict().items() if k != "quantization_config"}),
@@ -314,7 +346,7 @@ class VLM(nn.Module):
                 adapters[name] = f"adapters/{name}"
             with open(tmp / CONFIG_NAME, "w") as f:
                 json.dump({"vlmkit_version": __version__, "model": to_dict(cfg), "adapters": adapters}, f, indent=2)
-            save_file(self._state_to_save(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(self._state_to_save(weights), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             self.tokenizer.save_pretrained(str(tmp))
             for name, write in (extra_files or {}).items():
                 write(tmp / name)
@@ -336,8 +368,18 @@ class VLM(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _state_to_save(self) -> dict[str, torch.Tensor]:
-        """All weights once: a tied target (lm_head sharing embed_tokens) is left out and re-tied on load."""
+    def _state_to_save(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """All weights once: a tied target (lm_head sharing embed_tokens) is left out and re-tied on load.
+        `state`: a full state dict gathered elsewhere (its tensors are copies: ties are read off this module)."""
+        if state is not None:
+            own = dict(self.named_parameters(remove_duplicate=False))
+            tied = getattr(self.llm, "_tied_weights_keys", None) or {}
+            state = {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+            for target, source in (tied.items() if isinstance(tied, dict) else ()):
+                t, s = own.get(f"llm.{target}"), own.get(f"llm.{source}")
+                if t is not None and t is s:
+                    state.pop(f"llm.{target}", None)
+            return {k: v.detach().contiguous() for k, v in state.items()}
         state = self.state_dict()
         for name, m in self.named_modules():  # bitsandbytes 4-bit weights: saved dequantized (compute dtype)
             w = getattr(m, "weight", None)
@@ -366,7 +408,47 @@ class VLM(nn.Module):
         else:
             with torch.no_grad():
                 feats = self.encoder(pixel_values)
+        w = next(self.connector.parameters(), None)
+        if w is not None and w.is_floating_point() and feats.dtype != w.dtype:
+            # parts may hold different dtypes (DeepSpeed ZeRO-3 under bf16 left a trained connector in fp32
+            # beside a bf16 encoder): each part computes in its own weights' dtype
+            feats = feats.to(w.dtype)
         return self.connector(feats, self.encoder.grid)  # [N, P', D]
+
+    def encode_naflex(self, patches: torch.Tensor, image_sizes, tiles_per_image=None) -> list[torch.Tensor]:
+        """NaFlex: patch sequences [N, L, p*p*3] (each image's rows * cols patches, then zero padding) -> one
+        token sequence [L'_i, D] per image. Each image's grid (rows, cols) comes from its (width, height) through
+        the counter's TileSpec, as on the data side. The encoder masks the padding out of attention; only the
+        real patches reach the connector (one call per distinct grid), so padding never reaches the LLM."""
+        sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes)
+                                                     else image_sizes)]
+        grids = [self.tiling.grid(s) for s in sizes]
+        given = tiles_per_image.tolist() if torch.is_tensor(tiles_per_image) else tiles_per_image
+        longest = max((r * c for r, c in grids), default=0)
+        if (patches.dim() != 3 or patches.shape[0] != len(sizes) or patches.shape[1] < longest
+                or (given is not None and list(given) != [1] * len(sizes))):
+            raise ValueError(f"naflex: image sizes {sizes} (width, height) give patch grids {grids} (rows, cols): "
+                             f"pixel_values must be [{len(sizes)}, >= {longest}, patch*patch*3] patch sequences, one "
+                             f"per image; got {tuple(patches.shape)}"
+                             f"{'' if given is None else f' with tiles_per_image {list(given)}'}")
+        if any(p.requires_grad for p in self.encoder.parameters()):
+            feats = self.encoder(patches, grids)  # [N, L, C]
+        else:
+            with torch.no_grad():
+                feats = self.encoder(patches, grids)
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for i, g in enumerate(grids):
+            by_grid.setdefault(g, []).append(i)
+        out: list[torch.Tensor] = [feats.new_zeros(0)] * len(sizes)
+        for (rows, cols), idx in by_grid.items():
+            tokens = self.connector(feats[idx, :rows * cols], (rows, cols))  # [n_g, P', D], padding dropped
+            for j, i in enumerate(idx):
+                out[i] = tokens[j]
+        for k, (x, size) in enumerate(zip(out, sizes)):
+            if x.shape[0] != self.count_image_tokens(*size):
+                raise ValueError(f"image {k} ({size[0]}x{size[1]}): its {grids[k][0]}x{grids[k][1]} patch grid gave "
+                                 f"{x.shape[0]} tokens, the counter {self.count_image_tokens(*size)}")
+        return out
 
     def pack_images(self, feats: torch.Tensor, image_sizes, images_per_sample=None,
                     tiles_per_image=None) -> list[torch.Tensor]:
@@ -403,7 +485,8 @@ class VLM(nn.Module):
               images_per_sample=None, tiles_per_image=None, cu_seqlens=None) -> torch.Tensor:
         """Token embeddings with image features scattered into the placeholder positions.
 
-        pixel_values: [N_tiles, 3, T, T] (one tile per image without tiling). With tiling, the
+        pixel_values: [N_tiles, 3, T, T] (one tile per image without tiling; naflex: patch sequences
+        [N_images, L, p*p*3], see `encode_naflex`). With tiling, the
         collated `image_sizes` [N_images, 2] (width, height), `images_per_sample` [B] and (checked)
         `tiles_per_image` [N_images] say which tiles make which image and which images which sample.
         A packed batch (`cu_seqlens`: sample boundaries over the flattened rows) holds its samples in
@@ -428,8 +511,12 @@ class VLM(nn.Module):
                                  "(the tile budget depends on each sample's image count): pass collate's")
             sizes = image_sizes if n_tiles else []
             n_images = len(sizes)
-            parts = (self.pack_images(self.encode_images(pixel_values), sizes, images_per_sample, tiles_per_image)
-                     if n_tiles else [])
+            if not n_tiles:
+                parts = []
+            elif self.tiling.mode == "naflex":  # each image its own patch grid
+                parts = self.encode_naflex(pixel_values, sizes, tiles_per_image)
+            else:
+                parts = self.pack_images(self.encode_images(pixel_values), sizes, images_per_sample, tiles_per_image)
             per_image = [x.shape[0] for x in parts]
             feats = torch.cat(parts) if parts else embeds.new_zeros(0, embeds.shape[-1])  # [sum L_i, D]
             per_sample = images_per_sample if images_per_sample is not None else [n_images]
@@ -441,7 +528,31 @@ class VLM(nn.Module):
                              f"features (expected {expected}), the text holds {found} placeholder tokens")
         if images_per_sample is not None:
             self._check_rows(mask, per_image, images_per_sample, cu_seqlens)
+        if not n_tiles and self._image_path_must_run():
+            embeds = embeds + self._unused_image_path(embeds)
         return embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
+
+    def _image_path_must_run(self) -> bool:
+        """Training with a batch of no image: must the encoder + connector run anyway? Yes when they (or
+        image_newline) train, since DDP waits for their gradients on every process, and when the weights are
+        sharded (DeepSpeed ZeRO-3, FSDP): each module's forward gathers its shards with a collective that every
+        process must join. Never in inference."""
+        if not self.training:
+            return False
+        parts = [self.encoder, self.connector] + ([self.image_newline] if self.image_newline is not None else [])
+        params = [p for part in parts for p in ([part] if isinstance(part, nn.Parameter) else part.parameters())]
+        return any(p.requires_grad or hasattr(p, "ds_id") or _is_dtensor(p) for p in params)
+
+    def _unused_image_path(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A zero that depends on every image-side parameter: one blank tile through encoder + connector
+        (+ image_newline), times 0. Every process then runs the same modules the same number of times per step
+        (the known cause of ZeRO-3 / DDP hangs is a module some ranks skip), and the loss is unchanged."""
+        s = self.encoder.image_size
+        blank = torch.zeros(1, 3, s, s, device=embeds.device)  # [1, 3, S, S]
+        used = self.encode_images(blank).float().sum()  # encoder + connector
+        if self.image_newline is not None:
+            used = used + self.image_newline.float().sum()
+        return (used * 0).to(embeds.dtype)  # [] exactly 0: the features are finite
 
     @staticmethod
     def _check_rows(mask: torch.Tensor, per_image: list[int], images_per_sample, cu_seqlens=None) -> None:

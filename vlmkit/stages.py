@@ -30,6 +30,9 @@ def partial_blocks(model, name: str, n: int) -> list[nn.Module]:
     """The last n blocks of a component. For the encoder: the last n that feed the features
     (with feature_layer -2 the final block's output is never used, so it is not trained)."""
     comp = components(model)[name]
+    if getattr(comp, "no_partial", None):
+        raise ValueError(f"{name}: mode partial does not work with {comp.no_partial}; train it full, with lora, "
+                         "or keep it frozen")
     blocks = list(blocks_of(comp))
     if name == "encoder":
         fl = comp.feature_layer
@@ -107,14 +110,24 @@ def apply_stage(model, plan: dict[str, ComponentPlan], stage_lr: float | None = 
         if p.mode == "lora":
             for n, q in target.named_parameters():
                 q.requires_grad_("lora_" in n)
-        total = sum(q.numel() for q in params)
-        trainable = sum(q.numel() for q in params if q.requires_grad)
+        total = sum(_numel(q) for q in params)
+        trainable = sum(_numel(q) for q in params if q.requires_grad)
         mode = p.mode + (f" r={p.r}" if p.mode == "lora" else f" {p.layers}" if p.mode == "partial" else "")
         rows.append({"component": name, "mode": mode, "lr": (p.lr or stage_lr) if p.trains else None,
                      "params": total, "trainable": trainable})
     if not any(r["trainable"] for r in rows):
         raise ValueError(f"stage plan {plan} trains nothing")
     return rows
+
+
+def _numel(q: nn.Parameter) -> int:
+    """Elements of a parameter; of the whole one when DeepSpeed ZeRO-3 left only a shard here."""
+    return getattr(q, "ds_numel", None) or q.numel()
+
+
+def _ndim(q: nn.Parameter) -> int:
+    shape = getattr(q, "ds_shape", None)
+    return len(shape) if shape is not None else q.ndim
 
 
 def param_groups(model, stage: StageConfig) -> list[dict]:
@@ -125,8 +138,8 @@ def param_groups(model, stage: StageConfig) -> list[dict]:
         lr = p.lr if p.lr is not None else stage.lr
         wd = p.weight_decay if p.weight_decay is not None else stage.weight_decay
         trainable = [q for q in _params(target) if q.requires_grad]
-        decay = [q for q in trainable if q.ndim >= 2 and wd > 0]
-        rest = [q for q in trainable if not (q.ndim >= 2 and wd > 0)]
+        decay = [q for q in trainable if _ndim(q) >= 2 and wd > 0]
+        rest = [q for q in trainable if not (_ndim(q) >= 2 and wd > 0)]
         for params, w, tag in ((decay, wd, "decay"), (rest, 0.0, "no_decay")):
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": w, "name": f"{name}/{tag}"})

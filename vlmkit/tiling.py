@@ -1,4 +1,4 @@
-"""Image tiling as pure functions: LLaVA-NeXT AnyRes and InternVL dynamic tiling.
+"""Image tiling as pure functions: LLaVA-NeXT AnyRes, InternVL dynamic tiling, SigLIP 2 NaFlex.
 
 Conventions (read these once, they hold for the whole module):
 
@@ -11,6 +11,8 @@ Conventions (read these once, they hold for the whole module):
   bottom) and ``(cols, rows)`` for InternVL, whose published code names the grid
   ``(i, j)`` with ``i`` the column count (``target_width = tile * i``). Each function
   says which one it returns.
+* A **NaFlex patch grid** is ``(rows, cols)``, the order of the SigLIP 2 processor's
+  ``spatial_shapes``.
 
 Tiles are returned row-major (left to right, then top to bottom). The AnyRes base image
 (the whole picture resized to one tile) comes *first*; the InternVL thumbnail comes
@@ -25,6 +27,7 @@ import ast
 import math
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from PIL import Image
@@ -47,6 +50,10 @@ __all__ = [
     "internvl_num_tiles",
     "internvl_tiles",
     "internvl_tile_budget",
+    "naflex_size",
+    "naflex_grid",
+    "naflex_resize",
+    "naflex_patches",
 ]
 
 _RESAMPLE = Image.Resampling.BICUBIC
@@ -480,3 +487,93 @@ def internvl_tile_budget(max_tiles: int, n_images: int) -> int:
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
     return max(1, max_tiles // n_images)
+
+
+# ----------------------------------------------------------------------------------------
+# SigLIP 2 NaFlex (native aspect ratio, at most a number of patches)
+# ----------------------------------------------------------------------------------------
+
+NAFLEX_RESAMPLE = Image.Resampling.BILINEAR
+"""The SigLIP 2 image processor's resampling filter."""
+
+
+def naflex_size(
+    image_size: Sequence[int], patch: int, max_num_patches: int, multiple: int = 1, eps: float = 1e-5
+) -> tuple[int, int]:
+    """SigLIP 2's NaFlex resize target for an image, as ``(width, height)`` in pixels.
+
+    Both sides are scaled by one factor (the aspect ratio kept, up to rounding), each rounded *up*
+    to a multiple of ``patch * multiple`` (at least one such unit), and the factor is the largest
+    one found by bisection of [eps / 10, 100] (until the interval is narrower than ``eps``) with
+    ``rows * cols <= max_num_patches``: transformers' ``get_image_size_for_max_num_patches``,
+    whose arithmetic this repeats step by step (``multiple = 1`` gives its result exactly).
+    ``multiple = k`` makes both sides of the patch grid multiples of k (a pixel-shuffle connector
+    folding k x k patches). Cached: the data side and the model side both ask.
+
+    Args:
+        image_size: ``(width, height)`` of the image.
+        patch: the encoder's patch side in pixels.
+        max_num_patches: at most this many patches (``rows * cols``).
+        multiple: each grid side is a multiple of it.
+
+    Returns:
+        ``(width, height)`` in pixels, each a multiple of ``patch * multiple``.
+    """
+    width, height = _check_size(image_size)
+    return _naflex_size(width, height, int(patch), int(max_num_patches), int(multiple), float(eps))
+
+
+@lru_cache(maxsize=1 << 16)
+def _naflex_size(width: int, height: int, patch: int, max_num_patches: int, multiple: int,
+                 eps: float) -> tuple[int, int]:
+    if patch < 1 or multiple < 1:
+        raise ValueError(f"naflex: patch ({patch}) and multiple ({multiple}) must be positive")
+    if max_num_patches < multiple * multiple:
+        raise ValueError(f"naflex: max_num_patches {max_num_patches} is below one {multiple}x{multiple} block of "
+                         f"patches (grid sides must be multiples of {multiple})")
+    unit = patch * multiple
+
+    def side(scale: float, n: int) -> int:
+        return max(unit, math.ceil(n * scale / unit) * unit)
+
+    lo, hi = eps / 10, 100.0
+    while hi - lo >= eps:
+        mid = (lo + hi) / 2
+        if (side(mid, height) / patch) * (side(mid, width) / patch) <= max_num_patches:
+            lo = mid
+        else:
+            hi = mid
+    w, h = side(lo, width), side(lo, height)
+    if (w // patch) * (h // patch) > max_num_patches:  # only for sides over ~1e6 patches at the smallest scale
+        raise ValueError(f"naflex: image size {(width, height)} (width, height) cannot be scaled to at most "
+                         f"{max_num_patches} patches of {patch}px")
+    return w, h
+
+
+def naflex_grid(
+    image_size: Sequence[int], patch: int, max_num_patches: int, multiple: int = 1
+) -> tuple[int, int]:
+    """The NaFlex patch grid ``(rows, cols)`` of an image of ``(width, height)``: the SigLIP 2
+    processor's ``spatial_shapes`` entry for it (see :func:`naflex_size`)."""
+    w, h = naflex_size(image_size, patch, max_num_patches, multiple)
+    return h // patch, w // patch
+
+
+def naflex_resize(
+    image: Image.Image, patch: int, max_num_patches: int, multiple: int = 1,
+    resample: Image.Resampling = NAFLEX_RESAMPLE,
+) -> Image.Image:
+    """The image resized to its :func:`naflex_size` (bilinear, as the SigLIP 2 processor)."""
+    size = naflex_size(image.size, patch, max_num_patches, multiple)
+    return image if size == image.size else image.resize(size, resample=resample)
+
+
+def naflex_patches(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """[C, H, W] -> [rows * cols, patch * patch * C]: patches row-major, each flattened channel-last
+    (patch row, patch column, channel), the layout SigLIP 2's patch embedding (a Linear) reads."""
+    c, h, w = pixels.shape
+    if h % patch or w % patch:
+        raise ValueError(f"naflex: image {w}x{h} (width x height) is not a multiple of the patch size {patch}")
+    rows, cols = h // patch, w // patch
+    x = pixels.reshape(c, rows, patch, cols, patch).permute(1, 3, 2, 4, 0)  # [rows, cols, p, p, C]
+    return x.reshape(rows * cols, patch * patch * c)

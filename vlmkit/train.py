@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
-from .config import RunConfig, StageConfig, TrainConfig
+from .config import DataConfig, RunConfig, StageConfig, TrainConfig
 from .data.dataset import ConversationDataset
 from .data.processor import collate
 from .stages import apply_stage, format_table, param_groups, validate_plan
@@ -54,6 +54,82 @@ def cpu_threads(accelerator: Accelerator) -> None:
     elif os.environ.get("OMP_NUM_THREADS") == "1" and "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # the launcher's
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes) or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def engine(accelerator: Accelerator) -> str:
+    """How the model is distributed: deepspeed | fsdp | ddp (or another data-parallel wrapper) | none."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    return "none" if accelerator.num_processes == 1 or kind == DistributedType.NO else "ddp"
+
+
+def shards_weights(accelerator: Accelerator) -> bool:
+    """Does each process hold only a shard of the weights (DeepSpeed ZeRO-3, FSDP)? Then saving gathers them."""
+    kind = engine(accelerator)
+    if kind == "deepspeed":
+        return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0)) == 3
+    return kind == "fsdp"
+
+
+def configure_engine(accelerator: Accelerator, micro: int, accum: int, max_grad_norm: float,
+                     hidden_size: int | None = None) -> None:
+    """Set this stage's micro-batch, accumulation and clipping where the engine reads them, before `prepare`.
+
+    DeepSpeed: accelerate fills the config's "auto" entries only once (at the first prepare); each stage
+    re-prepares with its own batch shape, so the values are written here every stage. DeepSpeed divides the
+    loss by its `gradient_accumulation_steps` in `engine.backward` and averages gradients over processes, and
+    accelerate's wrapper runs `engine.step()` (clipping at `gradient_clipping`, optimizer step, zero grad)
+    in the backward of the window's last micro-batch: with `gradient_accumulation_steps` = `accum` the loop's
+    `loss * accum * world` gives the token-mean gradient of the whole global batch, as under DDP.
+    `hidden_size` (the LLM's) fills the ZeRO bucket sizes left "auto" (accelerate reads them off
+    `model.config.hidden_size`, which a VLM's config does not have), with accelerate's own formulas.
+    """
+    accelerator.gradient_accumulation_steps = accum
+    if engine(accelerator) != "deepspeed":
+        return
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["gradient_accumulation_steps"] = accum
+    cfg["train_batch_size"] = micro * accum * accelerator.num_processes
+    cfg["gradient_clipping"] = float(max_grad_norm)
+    zero = cfg.get("zero_optimization", {})
+    if hidden_size:
+        h = int(hidden_size)
+        for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                           ("stage3_param_persistence_threshold", 10 * h)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+
+
+def refresh_fsdp_precision(model) -> None:
+    """FSDP2 fixes each parameter group's reduce / output gradient dtype at its first forward, from the parameters
+    trainable then: a group frozen in stage 1 and trained in stage 2 would get bf16 gradients on fp32 weights.
+    Recompute them after each stage's plan is applied (a no-op before the model is sharded)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+            if group is not None and getattr(group, "fsdp_params", None):
+                group._init_mp_dtypes()  # torch's own (lazy-init) computation of those dtypes
+
+
+def full_state_dict(accelerator: Accelerator, model) -> dict | None:
+    """The whole model's weights from a prepared model whose weights are sharded (ZeRO-3: DeepSpeed's 16-bit
+    consolidation, needs `stage3_gather_16bit_weights_on_model_save`; FSDP: a full state dict offloaded to
+    CPU). A collective: every process calls it; the main process gets the tensors. None when not sharded
+    (the unwrapped model holds every weight)."""
+    if not shards_weights(accelerator):
+        return None
+    state = accelerator.get_state_dict(model, unwrap=False)
+    return {k: v.detach().cpu() for k, v in state.items()} if accelerator.is_main_process else None
 
 
 def micro_batching(global_batch: int, per_device: int, world: int, stage: str = "") -> tuple[int, int]:
@@ -103,6 +179,22 @@ class BatchStream:
         return (self.epoch + 1, 0) if self.offset >= len(self.loader) else (self.epoch, self.offset)
 
 
+def make_dataset(data: DataConfig, processor) -> ConversationDataset:
+    """A stage's dataset: `data.path`'s samples through `processor` (a model's, or `vlmkit.model.build_processor`)."""
+    return ConversationDataset(data.path, processor, data.image_folder, data.template, data.max_length,
+                               data.on_bad_sample, data.max_image_pixels)
+
+
+def make_loader(dataset, data: DataConfig, batch_size: int, pad_id: int) -> DataLoader:
+    """The training DataLoader of one process: shuffled micro-batches of `batch_size`, images decoded and tiled
+    by the dataset in `data.num_workers` worker processes (kept across epochs), collated (padded or packed, as
+    `data.pack` says) in the workers too. `benchmarks/data_throughput.py` measures this same loader."""
+    # the loader's own generator: loading data never draws from (or disturbs) the global torch RNG
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator(),
+                      num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
+                      collate_fn=partial(collate, pad_id=pad_id, pack=data.pack, max_tokens=data.pack_max_tokens))
+
+
 def draw_window(stream: BatchStream, accum: int, skipped: list, stage: str, patience: int) -> list[dict]:
     """The next `accum` micro-batches that hold samples. A micro-batch whose samples were all skipped
     (on_bad_sample: skip) is replaced by the next one, so every process still makes exactly `accum`
@@ -124,13 +216,15 @@ def draw_window(stream: BatchStream, accum: int, skipped: list, stage: str, pati
 
 def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, log_dir: Path,
                 step_offset: int = 0, log_every: int = 10, save_steps: int = 0, keep: int = 2,
-                resume: dict | None = None, log_samples: bool = False) -> dict:
+                resume: dict | None = None, log_samples: bool = False, on_finish=None) -> dict:
     """Train `model` for one stage of the plan on `dataset`; returns the stage's metrics.
 
     With `save_steps`, a resumable checkpoint (model, optimizer, scheduler, RNG states, data position;
     see vlmkit.checkpoint) is saved every that many optimizer steps under
     log_dir/checkpoints/<stage>/checkpoint-<step>/, the newest `keep` kept. `resume`: {"dir", "state"} of
     such a checkpoint, whose weights the model already holds: the stage continues after its step.
+    `on_finish(prepared_model, metrics)` runs on every process after the last step, before the engine is
+    released: where `run` saves the stage's model (gathering ZeRO-3 / FSDP shards needs the engine).
     """
     raw = accelerator.unwrap_model(model)
     rows = apply_stage(raw, stage.train, stage.lr)
@@ -140,17 +234,20 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
         flags = raw.enable_gradient_checkpointing(stage.gradient_checkpointing_every, stage.gradient_checkpointing_skip)
         if not all(flags):
             accelerator.print(f"gradient checkpointing: {sum(flags)} of {len(flags)} LLM decoder layers recomputed")
+    if stage.compile:
+        accelerator.print(f"compiled {raw.compile_decoder_layers()} LLM decoder layers (torch.compile, dynamic shapes)")
+    if engine(accelerator) == "fsdp":
+        refresh_fsdp_precision(raw)
+    if shards_weights(accelerator) and (raw.adapters or any(p.mode == "lora" for p in stage.train.values())):
+        raise NotImplementedError(f"stage {stage.name}: LoRA adapters with sharded weights (DeepSpeed ZeRO-3, FSDP) are "
+                                  "not supported yet: use ZeRO-2 or DDP (recipes/accelerate/zero2.yaml, ddp.yaml)")
 
     world = accelerator.num_processes
     micro, accum = micro_batching(stage.global_batch_size, stage.per_device_batch_size, world, stage.name)
     per_step = micro * world
     accelerator.print(f"global batch {stage.global_batch_size} = {micro} per device x {world} process(es) "
                       f"x {accum} accumulation step(s)")
-    # the loader's own generator: loading data never draws from (or disturbs) the global torch RNG
-    loader = DataLoader(dataset, batch_size=micro, shuffle=True, generator=torch.Generator(),
-                        num_workers=stage.data.num_workers, persistent_workers=stage.data.num_workers > 0,
-                        collate_fn=partial(collate, pad_id=raw.tokenizer.pad_token_id, pack=stage.data.pack,
-                                           max_tokens=stage.data.pack_max_tokens))
+    loader = make_loader(dataset, stage.data, micro, raw.tokenizer.pad_token_id)
     n_batches = math.ceil(len(dataset) / per_step)
     total = stage.max_steps or max(1, math.ceil(stage.epochs * n_batches / accum))
 
@@ -167,13 +264,18 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
                              + ", ".join(f"{k} ({was} then, {now} now)" for k, (was, now) in diff.items())
                              + ": resume with the same settings, or start over (--no-resume / train.resume: never, "
                                "or another output_dir)")
-        opt.load_state_dict(ckpt.load_optimizer_state(resume["dir"]))
+        if engine(accelerator) not in ("deepspeed", "fsdp"):  # theirs is read back after prepare
+            opt.load_state_dict(ckpt.load_optimizer_state(resume["dir"]))
         sched.load_state_dict(state["scheduler"])
-    accelerator.gradient_accumulation_steps = accum
+    configure_engine(accelerator, micro, accum, stage.max_grad_norm, raw.llm.config.hidden_size)
     model, opt, loader = accelerator.prepare(model, opt, loader)
+    if state is not None and engine(accelerator) in ("deepspeed", "fsdp"):
+        accelerator.load_state(str(Path(resume["dir"]) / ckpt.ENGINE_DIR))  # sharded optimizer (+ weights)
     accelerator.step = 0
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    # FSDP: accelerate clips DTensor shards correctly when given exactly the prepared model's parameters
+    params = list(model.parameters()) if engine(accelerator) == "fsdp" else [p for p in model.parameters()
+                                                                               if p.requires_grad]
 
     rank = accelerator.process_index
     stream = BatchStream(loader, *(state["positions"][rank] if state else (0, 0)))
@@ -193,20 +295,24 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
         local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
         n_items = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
         loss_sum = torch.zeros((), device=accelerator.device)
-        for b in window:
+        ids = [i for b in window for i in b["ids"]]
+        for k, b in enumerate(window):
             with accelerator.accumulate(model):
                 loss = model(**b, num_items=n_items)
-                # accelerate divides by the accumulation steps and DDP averages over processes:
+                loss_sum += loss.detach()
+                if k == len(window) - 1:  # before the last backward: DeepSpeed updates the weights inside it
+                    step_loss = float(accelerator.reduce(loss_sum, "sum"))
+                    if not math.isfinite(step_loss):
+                        numerical_fault(accelerator, stage.name, step, f"the loss is {step_loss}", ids, last_good)
+                # accelerate divides by the accumulation steps (DeepSpeed by its gradient_accumulation_steps, set
+                # to `accum` by configure_engine) and DDP / DeepSpeed / FSDP average over processes:
                 # undo both so the update is the token mean over the whole global batch
                 accelerator.backward(loss * accum * world)
-            loss_sum += loss.detach()
-        step_loss = float(accelerator.reduce(loss_sum, "sum"))
-        ids = [i for b in window for i in b["ids"]]
-        if not math.isfinite(step_loss):
-            numerical_fault(accelerator, stage.name, step, f"the loss is {step_loss}", ids, last_good)
         if stage.max_grad_norm > 0:
+            # DeepSpeed clipped inside the last backward (its gradient_clipping) and reports the norm it saw
             grad_norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
-            if not math.isfinite(float(grad_norm)) and accelerator.scaler is None:  # fp16's scaler skips such steps
+            grad_norm = None if grad_norm is None else float(grad_norm)  # None: an engine that reports none
+            if grad_norm is not None and not math.isfinite(grad_norm) and accelerator.scaler is None:  # fp16's scaler skips such steps
                 numerical_fault(accelerator, stage.name, step, f"the gradient norm is {float(grad_norm)}", ids,
                                 last_good)
         opt.step()  # the loss was checked first: a NaN never reaches the weights
@@ -218,8 +324,8 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
         dt = time.perf_counter() - t0
         last = {"loss": step_loss, "lr": sched.get_last_lr()[0], "samples_per_second": seen / dt,
                 "tokens_per_second": tokens / dt}
-        if stage.max_grad_norm > 0:
-            last["grad_norm"] = float(grad_norm)
+        if stage.max_grad_norm > 0 and grad_norm is not None:
+            last["grad_norm"] = grad_norm
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{seen / dt:.1f}", tok_s=f"{tokens / dt:.0f}", refresh=False)
         if step % max(1, log_every) == 0 or step == total:
@@ -244,11 +350,13 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     bar.close()
     dt = time.perf_counter() - t0
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
+    metrics = {"stage": stage.name, "steps": total, "samples": seen, "seconds": round(dt, 2),
+               "train_samples_per_second": seen / dt, "train_tokens_per_second": tokens / dt,
+               "final_loss": last.get("loss"), "skipped": skipped}
+    if on_finish is not None:
+        on_finish(model, metrics)
     accelerator.free_memory()
-    return {"stage": stage.name, "steps": total, "samples": seen, "seconds": round(dt, 2),
-            "train_samples_per_second": seen / dt, "train_tokens_per_second": tokens / dt,
-            "final_loss": last.get("loss"), "skipped": skipped}
+    return metrics
 
 
 def numerical_fault(accelerator: Accelerator, stage: str, step: int, what: str, ids: list, last_good) -> None:
@@ -269,17 +377,34 @@ def save_checkpoint(accelerator: Accelerator, model, path: Path, keep: int = 2, 
     previous checkpoints whole and no partial `checkpoint-*` folder."""
     accelerator.wait_for_everyone()
     extra = {}
-    if optimizer is not None:
+    if optimizer is not None and engine(accelerator) in ("deepspeed", "fsdp"):
+        # sharded optimizer state: every process writes its part (accelerate's format) into a staging folder
+        # that the main process moves into the checkpoint's temporary folder, so it appears with the rest
+        staging = path.parent / f".{path.name}.engine"
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        extra[ckpt.ENGINE_DIR] = ckpt.move_writer(staging)
+    elif optimizer is not None:
         extra[ckpt.OPTIMIZER_NAME] = ckpt.torch_writer(optimizer.state_dict())
     if state is not None:
         extra[ckpt.STATE_NAME] = ckpt.json_writer(state)
     if rng is not None:
         extra[ckpt.RNG_NAME] = ckpt.json_writer(rng, indent=None)
+    save_model(accelerator, model, path, extra)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path, extra_files=extra)
         ckpt.prune(path.parent, keep)
     accelerator.wait_for_everyone()
     return path
+
+
+def save_model(accelerator: Accelerator, model, path: Path, extra_files: dict | None = None) -> None:
+    """Write a prepared (or plain) model as a vlmkit model folder (config.json + model.safetensors with full
+    tensors), atomically, from the main process only. Every process must call it: under ZeRO-3 / FSDP the
+    weights are gathered from all of them first."""
+    state = full_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path, extra_files=extra_files, weights=state)
+    accelerator.wait_for_everyone()
 
 
 def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu: bool = False) -> tuple:
@@ -316,6 +441,7 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     accelerator.wait_for_everyone()
     metrics = []
     step_offset = 0
+    final_saved = False  # out/model written at the end of the last stage (sharded weights)
     for i, stage in enumerate(cfg.stages):
         raw = accelerator.unwrap_model(model)
         if point is not None and i < point.stage_index:  # finished before: not run again
@@ -331,29 +457,44 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
             else:  # the stage starts from the previous one's model, with the RNG where that one ended
                 raw.load_weights(point.boundary_dir)
                 ckpt.set_rng_state(ckpt.load_rng_state(point.boundary_dir, accelerator.process_index))
-        data = stage.data
-        dataset = ConversationDataset(data.path, raw.processor(), data.image_folder, data.template,
-                                      data.max_length, data.on_bad_sample, data.max_image_pixels)
+        dataset = make_dataset(stage.data, raw.processor())
+        last_stage = i == len(cfg.stages) - 1
+
+        def finish(prepared, m, stage=stage, last_stage=last_stage):
+            """The stage's folder (and, after the last stage with sharded weights, the final model), written
+            while the engine can still gather ZeRO-3 / FSDP shards into full tensors."""
+            nonlocal final_saved
+            final = {"format": ckpt.FORMAT, "stage": stage.name, "step": m["steps"], "done": True}
+            rng = gather_object([ckpt.rng_state()])
+            state = full_state_dict(accelerator, prepared)  # a collective: every process
+            if accelerator.is_main_process:  # model, metrics and the done marker appear together or not at all
+                raw = accelerator.unwrap_model(prepared)
+                raw.save_pretrained(out / stage.name, weights=state,
+                                    extra_files={ckpt.METRICS_NAME: ckpt.json_writer(m),
+                                                 ckpt.STATE_NAME: ckpt.json_writer(final),
+                                                 ckpt.RNG_NAME: ckpt.json_writer(rng, indent=None)})
+                if last_stage and state is not None:
+                    raw.save_pretrained(out / "model", weights=state)
+            final_saved = last_stage and shards_weights(accelerator)  # the same answer on every process
+            accelerator.wait_for_everyone()
+
         m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every,
                         cfg.train.save_steps, keep=cfg.train.keep_checkpoints, resume=resume,
-                        log_samples=cfg.train.log_samples)
+                        log_samples=cfg.train.log_samples, on_finish=finish)
         model = accelerator.unwrap_model(model)
         step_offset += m["steps"]
         if m["skipped"]:
             accelerator.print(f"stage {stage.name}: skipped {len(m['skipped'])} bad sample(s); "
                               f"first: {m['skipped'][:3]}")
-        final = {"format": ckpt.FORMAT, "stage": stage.name, "step": m["steps"], "done": True}
-        rng = gather_object([ckpt.rng_state()])
-        if accelerator.is_main_process:  # model, metrics and the done marker appear together or not at all
-            model.save_pretrained(out / stage.name, extra_files={ckpt.METRICS_NAME: ckpt.json_writer(m),
-                                                                 ckpt.STATE_NAME: ckpt.json_writer(final),
-                                                                 ckpt.RNG_NAME: ckpt.json_writer(rng, indent=None)})
-        accelerator.wait_for_everyone()
         metrics.append(m)
     if point is not None and point.stage_index >= len(cfg.stages):  # every stage was finished before
         model = accelerator.unwrap_model(model)
         model.load_weights(point.boundary_dir)
-    if accelerator.is_main_process:
+    if final_saved:
+        # ZeRO-3 / FSDP: the module keeps only this process's shards once the engine is released; every process
+        # continues with the consolidated model (so generation, evaluation and export see whole weights)
+        model = VLM.from_pretrained(out / "model").to(accelerator.device)
+    elif accelerator.is_main_process:
         model.save_pretrained(out / "model")
     accelerator.wait_for_everyone()
     if cfg.train.log_with:

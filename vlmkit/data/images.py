@@ -131,6 +131,10 @@ class ImageTransform:
             im = expand_to_square(im, self.fill)
         if im.size != (self.size, self.size):
             im = im.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return self.normalize(im)
+
+    def normalize(self, im: Image.Image) -> torch.Tensor:
+        """An RGB image at its own size -> [3, H, W], scaled to [0, 1] and normalised (no pad, no resize)."""
         x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # [3, H, W]
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
