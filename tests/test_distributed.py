@@ -296,3 +296,33 @@ def test_configure_engine_sets_deepspeed_batch_shape_per_stage():
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:6])
+
+
+def test_plain_init_builds_whole_models_while_zero3_is_registered(vlm, tmp_path):
+    """After a sharded run, run() reloads the consolidated model on every process. accelerate has then
+    registered ZeRO-3 with transformers, which would partition (and, on the meta device, fail on) every
+    model built; plain_init clears that registration for the build and restores it after."""
+    import weakref
+
+    import transformers.integrations.deepspeed as hf_ds
+
+    from vlmkit.train import plain_init
+
+    class Zero3:  # what HfDeepSpeedConfig answers
+        def is_zero3(self):
+            return True
+
+    vlm.save_pretrained(tmp_path / "m")
+    registered = Zero3()
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = weakref.ref(registered)
+    try:
+        assert hf_ds.is_deepspeed_zero3_enabled()
+        with plain_init():
+            assert not hf_ds.is_deepspeed_zero3_enabled()
+            back = VLM.from_pretrained(tmp_path / "m")
+        assert hf_ds.is_deepspeed_zero3_enabled()  # restored for the engine that is still configured
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+    for (k, a), b in zip(vlm.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k

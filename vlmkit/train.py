@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -104,6 +105,47 @@ def configure_engine(accelerator: Accelerator, micro: int, accum: int, max_grad_
                            ("stage3_param_persistence_threshold", 10 * h)):
             if zero.get(key) == "auto":
                 zero[key] = value
+
+
+def match_zero3_dtype(accelerator: Accelerator, model) -> None:
+    """ZeRO-3 builds transformers' parts (encoder, LLM) already partitioned in the engine's 16-bit dtype
+    (zero.Init through accelerate's HfDeepSpeedConfig) and leaves every such parameter's dtype alone; parts
+    vlmkit builds itself (connector, image_newline) arrive in float32. A stage training both would give
+    DeepSpeed one group of mixed dtypes, which it refuses: cast the rest to the engine's dtype before the
+    first prepare (DeepSpeed keeps float32 master weights for the optimizer)."""
+    if engine(accelerator) != "deepspeed":
+        return
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    if cfg.get("zero_optimization", {}).get("stage") != 3:
+        return
+    dtype = (torch.bfloat16 if cfg.get("bf16", {}).get("enabled") is True
+             else torch.float16 if cfg.get("fp16", {}).get("enabled") is True else None)
+    if dtype is None:
+        return
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+@contextmanager
+def plain_init():
+    """Build transformers models as whole, unpartitioned modules even while a ZeRO-3 engine is configured.
+
+    accelerate registers its DeepSpeed config with transformers (HfDeepSpeedConfig), after which every
+    `from_config` / `from_pretrained` partitions the new model under zero.Init; vlmkit's loader builds on
+    the meta device, which zero.Init cannot take ("Cannot copy out of meta tensor"). transformers keeps
+    that registration in one module-level weak reference: it is cleared here and restored after."""
+    try:
+        import transformers.integrations.deepspeed as hf_ds
+    except ImportError:  # transformers without its DeepSpeed integration
+        yield
+        return
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def refresh_fsdp_precision(model) -> None:
@@ -268,6 +310,7 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
             opt.load_state_dict(ckpt.load_optimizer_state(resume["dir"]))
         sched.load_state_dict(state["scheduler"])
     configure_engine(accelerator, micro, accum, stage.max_grad_norm, raw.llm.config.hidden_size)
+    match_zero3_dtype(accelerator, raw)
     model, opt, loader = accelerator.prepare(model, opt, loader)
     if state is not None and engine(accelerator) in ("deepspeed", "fsdp"):
         accelerator.load_state(str(Path(resume["dir"]) / ckpt.ENGINE_DIR))  # sharded optimizer (+ weights)
@@ -493,7 +536,8 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     if final_saved:
         # ZeRO-3 / FSDP: the module keeps only this process's shards once the engine is released; every process
         # continues with the consolidated model (so generation, evaluation and export see whole weights)
-        model = VLM.from_pretrained(out / "model").to(accelerator.device)
+        with plain_init():
+            model = VLM.from_pretrained(out / "model").to(accelerator.device)
     elif accelerator.is_main_process:
         model.save_pretrained(out / "model")
     accelerator.wait_for_everyone()
