@@ -314,7 +314,27 @@ def geometry(kind: str, cfg: PretrainedConfig, image_size: int | None = None, me
                            layout.width, layout, naflex)
 
 
-class VisionEncoder(nn.Module):
+class _Encoder(nn.Module):
+    """What every encoder answers from its geometry: feature width, patch grid, tokens per image."""
+
+    geometry: EncoderGeometry
+
+    @property
+    def out_dim(self) -> int:
+        return self.geometry.width
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, cols) of one image."""
+        return self.geometry.grid
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens per image after dropping the prefix tokens."""
+        return self.grid[0] * self.grid[1]
+
+
+class VisionEncoder(_Encoder):
     """A transformers vision model plus the facts vlmkit needs: feature layer, token layout, grid."""
 
     def __init__(self, kind: str, model: nn.Module, feature_layer: int | None = None, image_size: int | None = None,
@@ -337,20 +357,6 @@ class VisionEncoder(nn.Module):
     @property
     def model_type(self) -> str:
         return self.model.config.model_type
-
-    @property
-    def out_dim(self) -> int:
-        return self.geometry.width
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Patch grid (rows, cols) of one image."""
-        return self.geometry.grid
-
-    @property
-    def num_tokens(self) -> int:
-        """Patch tokens per image after dropping the prefix tokens."""
-        return self.grid[0] * self.grid[1]
 
     def saved_config(self, cfg: EncoderConfig) -> EncoderConfig:
         """`cfg` made self-contained for a saved model: the transformers config inline, sizes and stats fixed."""
@@ -420,7 +426,7 @@ def fuse_geometry(members: list[tuple[str, EncoderGeometry]]) -> EncoderGeometry
                            sum(g.width for _, g in members))
 
 
-class FusedEncoder(nn.Module):
+class FusedEncoder(_Encoder):
     """Several encoders side by side on one image: features concatenated per patch along channels.
 
     Input: pixels normalised for the first member, at its size. Each other member gets its own
@@ -442,18 +448,6 @@ class FusedEncoder(nn.Module):
     @property
     def model_type(self) -> str:
         return "+".join(m.model_type for m in self.members)
-
-    @property
-    def out_dim(self) -> int:
-        return self.geometry.width
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.geometry.grid
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     def saved_config(self, cfg: EncoderConfig) -> EncoderConfig:
         return replace(cfg, members=[m.saved_config(c) for m, c in zip(self.members, cfg.members)])
