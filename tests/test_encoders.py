@@ -181,3 +181,33 @@ def test_processor_stats_from_checkpoint(encoder_dirs, tmp_path):
                                                             "image_std": [0.4, 0.5, 0.6]}))
     enc = build_encoder(EncoderConfig(name="clip", path=str(d)))
     assert enc.mean == (0.1, 0.2, 0.3) and enc.std == (0.4, 0.5, 0.6)
+
+
+def test_vision_tower_loads_from_a_composite_checkpoint(tmp_path):
+    """encoder.path may name a whole transformers-native VLM (here InternVL -hf, tower under model.vision_tower.):
+    the tower's weights are found under their prefix, never silently left random."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, LlamaConfig
+
+    vision = dict(ENCODER_CASES["internvit"][1])
+    vision.pop("model_type")
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    full = InternVLForConditionalGeneration(InternVLConfig(vision_config=vision, text_config=text.to_dict(),
+                                                           image_token_id=5))
+    full.save_pretrained(tmp_path / "internvl-hf")
+    enc = build_encoder(EncoderConfig(name="internvit", path=str(tmp_path / "internvl-hf")))
+    tower = full.model.vision_tower.state_dict()
+    mine = enc.model.state_dict()
+    assert set(tower) == set(mine)
+    for k, v in tower.items():
+        assert torch.equal(mine[k], v), k
+
+    # a checkpoint without the tower's weights anywhere: an error naming what is missing
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(text).save_pretrained(tmp_path / "llm")
+    cfg = AutoConfig.for_model("internvl_vision", **vision)
+    cfg.save_pretrained(tmp_path / "llm")  # the vision config, but no vision weights
+    with pytest.raises(ValueError, match="not in the checkpoint"):
+        build_encoder(EncoderConfig(name="internvit", path=str(tmp_path / "llm")))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -128,8 +129,8 @@ class EncoderSpec:
 
     def build(self, cfg: EncoderConfig) -> VisionEncoder:
         hf_cfg = encoder_hf_config(cfg)
-        model = (AutoModel.from_pretrained(cfg.path, config=hf_cfg, trust_remote_code=cfg.trust_remote_code)
-                 if cfg.path else AutoModel.from_config(hf_cfg, trust_remote_code=cfg.trust_remote_code))
+        model = (load_vision_model(cfg.path, hf_cfg, cfg.trust_remote_code) if cfg.path
+                 else AutoModel.from_config(hf_cfg, trust_remote_code=cfg.trust_remote_code))
         return VisionEncoder(cfg.name, model, cfg.feature_layer, cfg.image_size, *_stats(cfg),
                              trust_remote_code=cfg.trust_remote_code)
 
@@ -489,6 +490,55 @@ ENCODERS.register("fused")(FusedSpec())
 
 
 # ---- from an EncoderConfig ----------------------------------------------------------------------
+def _checkpoint_keys(path: str) -> dict[str, str]:
+    """Weight name -> the safetensors file holding it, for a local dir or hub id (single file or sharded)."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        with open(index) as f:
+            folder = os.path.dirname(index)
+            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+    single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+    if not single:
+        return {}
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_vision_model(path: str, hf_cfg: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:
+    """The vision model's pretrained weights from `path`: its own checkpoint, or the vision tower inside a
+    composite one (e.g. a transformers-native `-hf` InternVL / Llava checkpoint, whose tower sits under
+    `model.vision_tower.`), found as the one prefix under which every weight the tower needs is stored.
+    Weights that are nowhere in the checkpoint are an error, never a silently random encoder."""
+    from safetensors import safe_open
+
+    model, info = AutoModel.from_pretrained(path, config=hf_cfg, trust_remote_code=trust_remote_code,
+                                            output_loading_info=True)
+    missing = list(info.get("missing_keys") or [])
+    if not missing:
+        return model
+    keys = _checkpoint_keys(path)
+    want = missing  # what transformers found under the model's own names stays as loaded
+    probe = missing[0]
+    prefixes = sorted({k[: len(k) - len(probe)] for k in keys if k.endswith("." + probe)})
+    found = [p for p in prefixes if all(p + w in keys for w in want)]
+    if len(found) != 1:
+        raise ValueError(
+            f"encoder weights from {path}: {len(missing)} weight(s) of the {hf_cfg.model_type} model are not in "
+            f"the checkpoint (first: {missing[:3]}); no single prefix holds the whole vision tower "
+            f"(candidates: {prefixes[:5] or 'none'}). Point encoder.path at the vision model itself, or at a "
+            "checkpoint that contains it")
+    prefix, state = found[0], {}
+    for w in want:
+        with safe_open(keys[prefix + w], "pt") as f:
+            state[w] = f.get_tensor(prefix + w)
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return model
+
+
 def _config_from_dict(d: dict, default_type: str | None, kind: str) -> PretrainedConfig:
     d = dict(d)
     model_type = d.pop("model_type", default_type)
