@@ -12,6 +12,7 @@ disk with `load_tokenizer`, the encoder's geometry from an inline transformers c
   none      CLIP ViT-L/14-336, pad to square, 1 tile, 576 tokens (LLaVA-1.5)
   anyres    CLIP ViT-L/14-336 with LLaVA-NeXT's pinpoints, unpad + newline (base tile + 2..4 tiles)
   internvl  InternViT-300M-448 geometry, dynamic tiling 1..12 tiles + thumbnail, pixel-shuffle
+  naflex    SigLIP 2 so400m-patch16-naflex geometry: native aspect ratio, at most 256 patches
             connector (256 tokens per tile) when one is registered, else mlp2x_gelu (1024)
 and the loader is the training one: `vlmkit.train.make_dataset` (ConversationDataset) and
 `vlmkit.train.make_loader` (shuffle, `data.num_workers` persistent workers, collate / packed collate
@@ -57,15 +58,18 @@ from vlmkit.config import (ConnectorConfig, DataConfig, EncoderConfig, LLMConfig
                            TilingConfig)
 from vlmkit.data.conversation import VICUNA_SYSTEM, encode, get_template, normalize  # noqa: E402
 
-MODES = ("none", "anyres", "internvl")
+MODES = ("none", "anyres", "internvl", "naflex")
 CLIP_L336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                  num_attention_heads=16, image_size=336, patch_size=14)  # openai/clip-vit-large-patch14-336
 INTERNVIT_448 = dict(model_type="internvl_vision", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                      num_attention_heads=16, image_size=448, patch_size=14)  # InternViT-300M-448px
+SIGLIP2_NAFLEX = dict(model_type="siglip2_vision_model", hidden_size=1152, intermediate_size=4304,
+                      num_hidden_layers=27, num_attention_heads=16, num_patches=256,
+                      patch_size=16)  # google/siglip2-so400m-patch16-naflex
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # [height, width]
 LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)  # read, never built
-MAX_LENGTH = {"none": 2048, "anyres": 4096, "internvl": 4096}  # the recipes' / plans' data.max_length
+MAX_LENGTH = {"none": 2048, "anyres": 4096, "internvl": 4096, "naflex": 2048}  # the recipes' / plans' data.max_length
 IMAGE_SIZES = (  # (width, height, share): LLaVA-665K-like (COCO, GQA/VG, TextVQA, OCR-VQA) plus large photos
     (640, 480, 0.30), (480, 640, 0.08), (640, 427, 0.14), (427, 640, 0.04), (500, 375, 0.10), (1024, 768, 0.08),
     (300, 475, 0.05), (1280, 720, 0.05), (1920, 1080, 0.05), (2048, 1536, 0.03), (1600, 400, 0.03),
@@ -238,6 +242,9 @@ def model_config(mode: str, tokenizer: str) -> ModelConfig:
         return ModelConfig(encoder=EncoderConfig("internvit", config=dict(INTERNVIT_448), feature_layer=-1),
                            connector=ConnectorConfig(connector), llm=llm,
                            tiling=TilingConfig("internvl", min_tiles=1, max_tiles=12, thumbnail=True))
+    if mode == "naflex":  # native aspect ratio, at most 256 patches of 16 px, one token per patch
+        return ModelConfig(encoder=EncoderConfig("siglip2", config=dict(SIGLIP2_NAFLEX), feature_layer=-2),
+                           connector=ConnectorConfig("mlp2x_gelu"), llm=llm, tiling=TilingConfig("naflex"))
     tiling = (TilingConfig("anyres", grid_pinpoints=LLAVA_NEXT_PINPOINTS, unpad=True) if mode == "anyres"
               else TilingConfig("none"))
     return ModelConfig(encoder=EncoderConfig("clip", config=dict(CLIP_L336), feature_layer=-2, image_aspect="pad"),

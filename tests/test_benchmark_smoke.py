@@ -94,7 +94,7 @@ def test_data_bench_every_mode_prints_its_fields(data_bench, capsys):
                            "--vocab", "1000", "--vs-train-rate", "2.0"])
     out = capsys.readouterr()
     assert [json.loads(line) for line in out.out.strip().splitlines()] == res
-    assert [r["mode"] for r in res] == ["none", "anyres", "internvl"]
+    assert [r["mode"] for r in res] == ["none", "anyres", "internvl", "naflex"]
     for r in res:
         for key in DATA_FIELDS:
             assert key in r, (r["mode"], key)
@@ -105,10 +105,11 @@ def test_data_bench_every_mode_prints_its_fields(data_bench, capsys):
         assert r["tiles_s"] == pytest.approx(r["images_s"] * r["tiles_per_image"], rel=1e-2)
         assert r["loader_vs_train"] == round(r["samples_s"] / 2.0, 2)
         assert f"{r['mode']}: loader {r['samples_s']:.2f} samples/s with 0 worker(s)" in out.err
-    none, anyres, internvl = res
+    none, anyres, internvl, naflex = res
     assert (none["tile_px"], none["tiles_per_image"], none["image_tokens_per_sample"]) == (336, 1, 576)
     assert anyres["tile_px"] == 336 and 3 <= anyres["tiles_per_image"] <= 5  # base tile + 2..4 (LLaVA-NeXT grids)
     assert internvl["tile_px"] == 448 and internvl["encoder"] == "internvit" and 1 < internvl["tiles_per_image"] <= 13
+    assert naflex["encoder"] == "siglip2" and naflex["tiles_per_image"] == 1 and naflex["image_tokens_per_sample"] <= 256
 
 
 def test_data_bench_text_lengths_are_the_workloads_in_tokens(data_bench, bench_files):
@@ -146,7 +147,8 @@ def test_data_bench_loader_yields_every_tile_and_token(data_bench, bench_files):
     for mode, tiles, tokens in (
             ("none", [1] * len(sizes), [576] * len(sizes)),
             ("anyres", anyres_tiles, [T.anyres_num_tokens(s, pins, 336, 24) for s in sizes]),
-            ("internvl", internvl_tiles, None)):
+            ("internvl", internvl_tiles, None),
+            ("naflex", [1] * len(sizes), [math.prod(T.naflex_grid(s, 16, 256)) for s in sizes])):
         r = data_bench.run_mode(mode, bench_files, a, 0)
         tokens = tokens or [r["tokens_per_tile"] * n for n in tiles]
         assert (r["samples"], r["batches"], r["skipped"]) == (8, 3, 0), mode
