@@ -145,3 +145,12 @@ def test_recipe_command_line(tiny_ablation, tmp_path, monkeypatch):
     mod.main(["--config", str(abl_file), "--encoders", "dinov2", "--cpu"])
     table = (Path(abl.output_dir) / "ablation.md").read_text()
     assert "| dinov2 | mlp |" in table and "| clip |" not in table
+
+
+def test_generic_backbone_and_compressor_in_an_ablation(tiny_ablation):
+    """Issue 9's parts run through the same runner: a transformers ViT through the `hf` adapter, a resampler."""
+    abl, base = tiny_ablation
+    abl.encoders["vit"] = {"name": "hf", "config": dict(VIT, model_type="vit")}
+    abl.connectors["resampler"] = {"name": "perceiver_resampler", "options": {"num_latents": 3, "depth": 1, "heads": 2}}
+    rows, paths = run_ablation(abl, base, [("vit", "resampler")], cpu=True)
+    assert rows[0]["image_tokens"] == 3 and "| vit | resampler | 3 |" in Path(paths["md"]).read_text()
