@@ -7,6 +7,7 @@ both are evaluated on the same held-out questions, per type.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import time
@@ -67,3 +68,41 @@ def report(metrics: dict, out: Path, label: str) -> None:
     if "single_tile" in metrics:
         print(f"single tile per type: {metrics['eval_accuracy_single_tile_per_type']}")
     print(f"model: {out / 'model'}  metrics: {out / 'metrics.json'}")
+
+
+def main(argv, doc: str, demo_config: Path, label: str) -> None:
+    """A high-resolution recipe's command line (recipes/llava_next.py, recipes/internvl.py): `--config` trains
+    that run config; without it, the embedded demo (data written under the output dir, the tiled model
+    trained and, unless --no-compare-single-tile, the same model with one tile; both reported)."""
+    from .config import add_resume_args, apply_run_args, load_config
+    from .data.demo import relocate
+    from .data.demo_highres import prepare
+    from .train import make_accelerator, run
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="a run config (YAML); default: the embedded demo")
+    ap.add_argument("--output-dir", default=None, help="override train.output_dir")
+    ap.add_argument("--cpu", action="store_true", help="force CPU (e.g. a 2-process gloo run)")
+    ap.add_argument("--demo-train-images", type=int, default=2000)
+    ap.add_argument("--demo-eval-images", type=int, default=120, help="demo: held-out images (3 questions each)")
+    ap.add_argument("--compare-single-tile", action=argparse.BooleanOptionalAction, default=True,
+                    help="demo: also train with one tile per image and report both accuracies (default: on)")
+    add_resume_args(ap)
+    args = ap.parse_args(argv)
+
+    demo = args.config is None
+    cfg = load_config(args.config or demo_config)
+    apply_run_args(cfg.train, args)
+    out = Path(cfg.train.output_dir)
+    accelerator = make_accelerator(cfg.train, cpu=args.cpu)
+    if not demo:
+        run(cfg, accelerator=accelerator)
+        return
+    relocate(cfg, out)  # the demo writes its data and tokenizer under the chosen output dir
+    t0 = time.perf_counter()
+    if accelerator.is_main_process:
+        prepare(out, args.demo_train_images, args.demo_eval_images)
+    accelerator.wait_for_everyone()
+    metrics = run_demo(cfg, out, accelerator, compare=args.compare_single_tile, t0=t0)
+    if metrics is not None:
+        report(metrics, out, label)
