@@ -170,3 +170,16 @@ def vlm(encoder_dirs, llm_dir):
 @pytest.fixture(scope="session")
 def processor(vlm):
     return vlm.processor()
+
+
+def build_for_export(cfg, seed: int = 0):
+    """A VLM from `cfg` for export tests: fixed seed, eval mode, and the random connector's biases made
+    non-zero too (so a dropped or misplaced bias shows in the logits)."""
+    from vlmkit import VLM
+
+    torch.manual_seed(seed)
+    model = VLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.connector.parameters():
+            p.normal_(0, 0.5)
+    return model

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import make_bpe_tokenizer, model_config
+from conftest import build_for_export, make_bpe_tokenizer, model_config
 from vlmkit import VLM
 from vlmkit.data.conversation import encode, get_template, normalize
 from vlmkit.export import export_llava, import_llava
@@ -29,12 +29,7 @@ def build(case, encoder_dirs, llm_dir, template="vicuna_v1", seed=0, llm_dir_unt
     enc_case, size, tied = CASES[case]
     cfg = model_config(encoder_dirs[enc_case], llm_dir if tied else llm_dir_untied, enc_case, template=template)
     cfg.encoder.image_size = size
-    torch.manual_seed(seed)
-    model = VLM.from_config(cfg).eval()
-    with torch.no_grad():  # the connector is random anyway; make the biases non-zero too
-        for p in model.connector.parameters():
-            p.normal_(0, 0.5)
-    return model
+    return build_for_export(cfg, seed)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import model_config
+from conftest import build_for_export, model_config
 from vlmkit import VLM
 from vlmkit.config import ConnectorConfig, TilingConfig
 from vlmkit.data.conversation import normalize
@@ -35,12 +35,7 @@ def build(case, encoder_dirs, llm_dir, llm_dir_untied=None, seed=0, **tiling):
     cfg = model_config(encoder_dirs[enc_case], llm_dir if tied else llm_dir_untied, enc_case)
     cfg.encoder.image_size = size
     cfg.tiling = TilingConfig(mode="anyres", grid_pinpoints="(1x1),...,(3x3)", **tiling)
-    torch.manual_seed(seed)
-    model = VLM.from_config(cfg).eval()
-    with torch.no_grad():  # the connector is random anyway; make the biases non-zero too
-        for p in model.connector.parameters():
-            p.normal_(0, 0.5)
-    return model
+    return build_for_export(cfg, seed)
 
 
 @pytest.fixture(scope="module")

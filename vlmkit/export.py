@@ -473,13 +473,18 @@ def _export_llava(model, src, out_dir, template=None) -> Path:
     from transformers import LlavaForConditionalGeneration
 
     check_exportable(model)
-    cfg = llava_config(model)
+    return _write_llava_family(model, src, out_dir, template, LlavaForConditionalGeneration, llava_config(model),
+                               llava_processor(model, template))
+
+
+def _write_llava_family(model, src, out_dir, template, cls, cfg, processor, notes=()) -> Path:
+    """Llava and LlavaNext share the weights layout: the converted state, the native model, the processor
+    files and the model card, written together."""
     state = to_llava_state(model)
     state.update(_baked_vision_config_and_state(model)[1])
-    llava = build_native(LlavaForConditionalGeneration, cfg, state, model.tokenizer, model.llm.generation_config)
-    processor = llava_processor(model, template)
-    return write_export(out_dir, llava, _save_processor(processor),
-                        model_card(model, cfg, template or model.config.template, src))
+    hf = build_native(cls, cfg, state, model.tokenizer, model.llm.generation_config)
+    return write_export(out_dir, hf, _save_processor(processor),
+                        model_card(model, cfg, template or model.config.template, src, notes=notes))
 
 
 def export_llava_next(model_or_dir, out_dir, template: str | None = None) -> Path:
@@ -491,15 +496,10 @@ def _export_llava_next(model, src, out_dir, template=None) -> Path:
     from transformers import LlavaNextForConditionalGeneration
 
     check_llava_next_exportable(model)
-    cfg = llava_next_config(model)
-    state = to_llava_state(model)
-    state.update(_baked_vision_config_and_state(model)[1])
-    hf = build_native(LlavaNextForConditionalGeneration, cfg, state, model.tokenizer, model.llm.generation_config)
-    processor = llava_next_processor(model, template)
     notes = [f"- AnyRes (LLaVA-NeXT): canvases {[list(p) for p in model.tiling.pinpoints]} ([height, width] px), "
              "base tile first, padding cropped from the features (unpad), `image_newline` after each feature row"]
-    return write_export(out_dir, hf, _save_processor(processor),
-                        model_card(model, cfg, template or model.config.template, src, notes=notes))
+    return _write_llava_family(model, src, out_dir, template, LlavaNextForConditionalGeneration,
+                               llava_next_config(model), llava_next_processor(model, template), notes)
 
 
 def export_model(model_or_dir, out_dir, template: str | None = None) -> Path:
