@@ -211,3 +211,77 @@ def test_vision_tower_loads_from_a_composite_checkpoint(tmp_path):
     cfg.save_pretrained(tmp_path / "llm")  # the vision config, but no vision weights
     with pytest.raises(ValueError, match="not in the checkpoint"):
         build_encoder(EncoderConfig(name="internvit", path=str(tmp_path / "llm")))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_position_init_std_redraws_only_the_position_table(case):
+    """encoder.position_init_std: the position table from N(0, std); every other weight as the model's own init."""
+    from vlmkit.encoders import position_table
+
+    name, kw = ENCODER_CASES[case]
+    torch.manual_seed(0)
+    plain = build_encoder(EncoderConfig(name=name, config=dict(kw)))
+    torch.manual_seed(0)
+    drawn = build_encoder(EncoderConfig(name=name, config=dict(kw), position_init_std=0.5))
+    table = position_table(drawn.model)
+    positions = PATCHES + (0 if case.startswith("siglip") else 1)  # CLS has a position; registers, SigLIP none
+    assert table is not None and table.numel() == positions * 32
+    assert abs(table.std().item() - 0.5) < 0.05 and abs(table.mean().item()) < 0.05
+    same = {k: v for k, v in plain.model.state_dict().items()}
+    for k, v in drawn.model.state_dict().items():
+        if v.data_ptr() == table.data_ptr():
+            assert not torch.equal(v, same[k]), k
+        else:
+            assert torch.equal(v, same[k]), k
+
+
+def test_random_internvit_knows_patch_position_only_with_a_drawn_table():
+    """transformers initialises InternViT's position table to zeros: a uniform image then gives every patch the
+    same feature (the frozen random tower says nothing about where a patch is); with position_init_std it does."""
+    from vlmkit.encoders import position_table
+
+    name, kw = ENCODER_CASES["internvit"]
+    flat = torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), 0.3)
+    for std, differ in ((None, False), (0.02, True)):
+        torch.manual_seed(0)
+        enc = build_encoder(EncoderConfig(name=name, config=dict(kw), position_init_std=std))
+        if std is None:
+            assert not position_table(enc.model).any()  # zeros
+        with torch.no_grad():
+            f = enc(flat)[0]  # [P, C]
+        spread = (f - f[:1]).abs().max().item()
+        assert (spread > 1e-3) is differ, (std, spread)
+
+
+def test_position_init_std_survives_save_and_reload(tmp_path, tok_dir):
+    """The drawn table is saved with the model; from_pretrained loads it instead of drawing a new one."""
+    from conftest import LLM_KW
+    from vlmkit.encoders import position_table
+
+    name, kw = ENCODER_CASES["internvit"]
+    cfg = ModelConfig(encoder=EncoderConfig(name=name, config=dict(kw), position_init_std=0.02),
+                      connector=ConnectorConfig("mlp2x_gelu"), llm=LLMConfig(config=dict(LLM_KW), tokenizer=tok_dir))
+    torch.manual_seed(0)
+    model = VLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "m")
+    torch.manual_seed(1)  # a reload that drew again would differ
+    back = VLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(position_table(back.encoder.model), position_table(model.encoder.model))
+    assert position_table(back.encoder.model).any()
+
+
+def test_position_init_std_refusals(encoder_dirs):
+    from vlmkit.config import ConfigError
+
+    name, kw = ENCODER_CASES["internvit"]
+    with pytest.raises(ConfigError, match="overwrite trained weights"):
+        EncoderConfig(name=name, path=encoder_dirs["internvit"], position_init_std=0.02)
+    for bad in (0, -1.0, "0.02"):
+        with pytest.raises(ConfigError, match="position_init_std must be a number > 0"):
+            EncoderConfig(name=name, config=dict(kw), position_init_std=bad)
+    with pytest.raises(ConfigError, match="on its members, not on the fused encoder"):
+        EncoderConfig(name="fused", position_init_std=0.02,
+                      members=[dict(name=name, config=dict(kw)), dict(name=name, config=dict(kw))])
+    convnext = dict(model_type="convnext", image_size=64, hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_stages=3)
+    with pytest.raises(ValueError, match="encoder 'hf'.*no learned absolute position table"):
+        build_encoder(EncoderConfig(name="hf", config=convnext, position_init_std=0.02))

@@ -35,6 +35,11 @@ class EncoderConfig:
     """Hub id or local directory (save_pretrained layout). None: random weights from `config`."""
     config: dict[str, Any] | None = None
     """transformers config kwargs used when `path` is None (or to override a loaded config)."""
+    position_init_std: float | None = None
+    """Random weights only (`path` None): draw the position table from N(0, std) instead of the model's own
+    init. A frozen random encoder (the stand-ins of the demos and ablations) tells the LLM where a patch is
+    only through that table; transformers initialises InternViT's to zeros (OpenGVLab's code draws it at
+    random; CLIP's init uses std 0.02)."""
     feature_layer: int | None = None
     """Index into hidden_states; None: the kind's default (-2, LLaVA-1.5's second-to-last layer; internvit -1;
     hf: -2 for a ViT-like model, -1 = the last stage for a hierarchical one such as Swin or ConvNeXt)."""
@@ -59,6 +64,12 @@ class EncoderConfig:
             return
         if self.path is None and self.config is None:
             raise ConfigError("encoder: give `path` (hub id or local dir) or `config` (random weights)")
+        if self.position_init_std is not None:
+            if self.path is not None:
+                raise ConfigError(f"encoder.position_init_std re-draws a random encoder's position table; with "
+                                  f"path {self.path!r} it would overwrite trained weights (drop one of them)")
+            if not isinstance(self.position_init_std, (int, float)) or not self.position_init_std > 0:
+                raise ConfigError(f"encoder.position_init_std must be a number > 0, got {self.position_init_std!r}")
         if self.image_aspect not in ("pad", "resize"):
             raise ConfigError(f"encoder.image_aspect must be pad or resize, got {self.image_aspect!r}")
 
@@ -71,8 +82,8 @@ class EncoderConfig:
                         for i, m in enumerate(self.members)]
         if any(m.name == "fused" for m in self.members):
             raise ConfigError("encoder fused: a member cannot itself be fused")
-        own = {k: getattr(self, k) for k in ("path", "config", "feature_layer", "image_size", "image_mean",
-                                            "image_std") if getattr(self, k) is not None}
+        own = {k: getattr(self, k) for k in ("path", "config", "position_init_std", "feature_layer", "image_size",
+                                            "image_mean", "image_std") if getattr(self, k) is not None}
         if own:
             raise ConfigError(f"encoder fused: set {sorted(own)} on its members, not on the fused encoder (the "
                               "first member's image size and normalisation are the input's)")

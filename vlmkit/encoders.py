@@ -131,6 +131,8 @@ class EncoderSpec:
         hf_cfg = encoder_hf_config(cfg)
         model = (load_vision_model(cfg.path, hf_cfg, cfg.trust_remote_code) if cfg.path
                  else AutoModel.from_config(hf_cfg, trust_remote_code=cfg.trust_remote_code))
+        if cfg.position_init_std is not None:
+            redraw_position_table(cfg.name, model, cfg.position_init_std)
         return VisionEncoder(cfg.name, model, cfg.feature_layer, cfg.image_size, *_stats(cfg),
                              trust_remote_code=cfg.trust_remote_code)
 
@@ -149,6 +151,27 @@ ENCODERS.register("internvit")(EncoderSpec(("internvl_vision",), IMAGENET_MEAN, 
                                            default_feature_layer=-1))
 # any other vision backbone: normalisation from its preprocessor_config.json, else ImageNet's
 ENCODERS.register("hf")(EncoderSpec((), IMAGENET_MEAN, IMAGENET_STD, None, default_feature_layer=None))
+
+
+def position_table(model: nn.Module) -> torch.Tensor | None:
+    """The learned absolute position table of a transformers vision model (`embeddings.position_embedding`
+    as an nn.Embedding in CLIP / SigLIP, `embeddings.position_embeddings` as a parameter in ViT / DINOv2 /
+    InternViT); None for a model without one (Swin, ConvNeXt)."""
+    emb = getattr(getattr(model, "vision_model", model), "embeddings", None)  # CLIP / SigLIP wrap a vision_model
+    table = getattr(emb, "position_embeddings", None)
+    if table is None and isinstance(getattr(emb, "position_embedding", None), nn.Embedding):
+        table = emb.position_embedding.weight
+    return table if isinstance(table, torch.Tensor) else None
+
+
+def redraw_position_table(kind: str, model: nn.Module, std: float) -> None:
+    """Random weights: the position table drawn from N(0, std) (encoder.position_init_std)."""
+    table = position_table(model)
+    if table is None:
+        raise ValueError(f"encoder {kind!r}: position_init_std is set, but {type(model).__name__} has no learned "
+                         f"absolute position table (embeddings.position_embedding(s))")
+    with torch.no_grad():
+        nn.init.normal_(table, mean=0.0, std=float(std))
 
 
 def _vision_config(cfg: PretrainedConfig) -> PretrainedConfig:
