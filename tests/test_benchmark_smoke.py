@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
 PEER_FIELDS = ("impl", "llm", "stage", "batch", "gc", "lengths", "samples_s", "real_tokens_s", "pad_fraction",
                "tflops", "mfu", "peak_mem_gib")
 
@@ -168,3 +169,19 @@ def test_data_bench_rejects_bad_flags(data_bench):
     from vlmkit.config import DataConfig
 
     assert data_bench.parse_args([]).workers == [DataConfig().num_workers]  # as training uses
+
+
+def test_results_csv_matches_benchmarks_md_and_plots(tmp_path):
+    """benchmarks/results.csv (what docs/benchmarks.png shows) holds figures BENCHMARKS.md states, and plots."""
+    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "benchmarks" / "plot_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.read(ROOT / "benchmarks" / "results.csv")
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    assert {r["section"] for r in rows} == {"speed", "scaling"}
+    for r in rows:
+        for k in ("peer_samples_s", "vlmkit_samples_s"):
+            if r[k] is not None:
+                assert f"{r[k]:.2f}" in text, (r["config"], k, r[k])
+    out = mod.plot(rows, tmp_path / "b.png")
+    assert Path(out).stat().st_size > 10_000
