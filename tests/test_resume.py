@@ -370,3 +370,121 @@ def test_a_finished_stage_is_not_rerun_and_the_next_starts_from_it(encoder_dirs,
     assert trace(out) == trace(ref)
     a, b = (load_file(str(o / "model" / "adapters" / "llm" / "adapter_model.safetensors")) for o in (out, ref))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the same under DeepSpeed ZeRO-3 on 2 GPUs ---------------------------------------------------------------
+def _zero3_ready() -> str | None:
+    """Why the ZeRO-3 test cannot run here (None: it can)."""
+    if os.environ.get("VLMKIT_TEST_ZERO3") != "1":
+        return "set VLMKIT_TEST_ZERO3=1 on a machine with 2 CUDA GPUs and deepspeed (a multi-GPU run)"
+    if torch.cuda.device_count() < 2:
+        return "needs 2 CUDA GPUs"
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return "needs deepspeed"
+    return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_zero3(cfg: str) -> subprocess.Popen:
+    """`accelerate launch --config_file recipes/accelerate/zero3.yaml` on 2 GPUs, in its own process group."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "vlmkit.cli", "train", cfg]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.skipif(_zero3_ready() is not None, reason=str(_zero3_ready()))
+def test_zero3_sigkill_then_resume_matches_an_uninterrupted_run(encoder_dirs, llm_dir, resume_data, tmp_path):
+    """ZeRO-3 builds the model partitioned: resuming loads the checkpoint's whole tensors into the shards (every
+    process gathers each parameter), then the engine state. Killed (every process) in each stage and started
+    again, the run draws the same samples and ends at the uninterrupted run's weights; started once more with
+    everything finished, it reads the final model back whole."""
+    caps, qa = resume_data
+
+    def config(name):
+        path = write_run_config(tmp_path / f"{name}.yaml", encoder_dirs["clip"], llm_dir, caps, qa, tmp_path / name)
+        cfg = yaml.safe_load(Path(path).read_text())
+        cfg["stages"][1]["train"]["llm"] = "full"  # LoRA on sharded weights is refused: the whole LLM instead
+        Path(path).write_text(yaml.safe_dump(cfg))
+        return path
+
+    def kill_tree(pid):
+        """SIGKILL the launcher and every process under it (torch's elastic agent starts each rank in a
+        session of its own, out of reach of the launcher's process group)."""
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        todo, tree = [pid], []
+        while todo:
+            p = todo.pop()
+            tree.append(p)
+            todo += parents.get(p, [])
+        for p in tree:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def kill_group_at(proc, log, stage, step):
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if log.exists() and any(r.get("stage") == stage and r.get("step") == step for r in records(log)):
+                kill_tree(proc.pid)
+                proc.wait()
+                return
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before step {step} of {stage}: {proc.stdout.read()[-3000:]}")
+            time.sleep(0.01)
+        kill_tree(proc.pid)
+        pytest.fail("timed out waiting for the step")
+
+    def done(proc):
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        return out
+
+    ref_cfg, cfg = config("ref"), config("run")
+    out, ref_out = tmp_path / "run", tmp_path / "ref"
+    done(start_zero3(ref_cfg))
+    p = start_zero3(cfg)
+    kill_group_at(p, out / "log.jsonl", "pretrain", 3)
+    p = start_zero3(cfg)
+    kill_group_at(p, out / "log.jsonl", "finetune", 5)
+    text = done(start_zero3(cfg))
+    assert "resuming: stage finetune" in text, text[-3000:]
+
+    ref_log, ref_samples = trace(ref_out)
+    log, samples = trace(out)
+    assert [r[:2] for r in log] == [r[:2] for r in ref_log] == [(s, k) for s in ("pretrain", "finetune")
+                                                              for k in range(1, STEPS + 1)]
+    assert samples == ref_samples  # the same samples at every step, on every process
+    for a, b in zip(log, ref_log):
+        assert a[2] == pytest.approx(b[2], rel=2e-2, abs=1e-3), (a, b)  # loss: bf16 engine, NCCL reductions
+    final, ref_final = (load_file(str(o / "model" / "model.safetensors")) for o in (out, ref_out))
+    assert final.keys() == ref_final.keys()
+    for k in final:
+        assert final[k].shape == ref_final[k].shape and final[k].numel() > 0, k
+        torch.testing.assert_close(final[k].float(), ref_final[k].float(), rtol=5e-2, atol=5e-3, msg=k)
+    exact = all(torch.equal(final[k], ref_final[k]) for k in final)
+    print(f"ZeRO-3 resume: final weights bit-identical to the uninterrupted run: {exact}")
+
+    again = done(start_zero3(cfg))  # everything finished: the partitioned model is read back whole
+    assert "every stage is finished" in again
+    back = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(back[k], final[k]) for k in final)

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,26 @@ from .registry import CONNECTORS
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+def _param_id(p: torch.Tensor):
+    """A parameter's identity (tied weights share one). DeepSpeed ZeRO-3 leaves every partitioned parameter an
+    empty tensor, so there it is the parameter's ds_id, not its address."""
+    return ("ds", p.ds_id) if hasattr(p, "ds_id") else p.data_ptr()
+
+
+@contextmanager
+def _whole(p: torch.Tensor):
+    """Write access to a parameter as a whole tensor. A ZeRO-3-partitioned one is gathered from every process
+    (each must call this for the same parameters in the same order); on exit process 0's values are kept and
+    partitioned again. Any other parameter is already whole."""
+    if not hasattr(p, "ds_id"):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+        yield
+
 
 
 def resolve_model_dir(path) -> Path:
@@ -302,15 +323,16 @@ class VLM(nn.Module):
         state = load_file(str(path / WEIGHTS_NAME))
         unexpected = [k for k in state if k not in plain and k not in quant]
         mapped = {plain[k]: v for k, v in state.items() if k in plain and k not in quant}
-        loaded = {own[k].data_ptr() for k in mapped}
-        missing = [k for k in plain.values() if k not in mapped and own[k].data_ptr() not in loaded  # tied
+        loaded = {_param_id(own[k]) for k in mapped}
+        missing = [k for k in plain.values() if k not in mapped and _param_id(own[k]) not in loaded  # tied
                    and not any(k.replace(".base_layer.", ".").startswith(q) for q in quant)]
         if unexpected or missing:
             raise ValueError(f"{path / WEIGHTS_NAME}: weights do not match this model "
                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         with torch.no_grad():
-            for k, v in mapped.items():
-                own[k].copy_(v)
+            for k, v in mapped.items():  # the same order on every process (the file's)
+                with _whole(own[k]):
+                    own[k].copy_(v)
 
     def save_pretrained(self, path: str | os.PathLike, extra_files: dict | None = None,
                         weights: dict[str, torch.Tensor] | None = None) -> None:

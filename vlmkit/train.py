@@ -530,14 +530,20 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
             accelerator.print(f"stage {stage.name}: skipped {len(m['skipped'])} bad sample(s); "
                               f"first: {m['skipped'][:3]}")
         metrics.append(m)
+    whole = out / "model"  # where a sharded run's consolidated model is read back from
     if point is not None and point.stage_index >= len(cfg.stages):  # every stage was finished before
         model = accelerator.unwrap_model(model)
-        model.load_weights(point.boundary_dir)
+        if shards_weights(accelerator):  # built partitioned, never given to an engine: read back whole
+            final_saved, whole = True, point.boundary_dir
+        else:
+            model.load_weights(point.boundary_dir)
     if final_saved:
         # ZeRO-3 / FSDP: the module keeps only this process's shards once the engine is released; every process
         # continues with the consolidated model (so generation, evaluation and export see whole weights)
         with plain_init():
-            model = VLM.from_pretrained(out / "model").to(accelerator.device)
+            model = VLM.from_pretrained(whole).to(accelerator.device)
+        if whole != out / "model" and accelerator.is_main_process:
+            model.save_pretrained(out / "model")
     elif accelerator.is_main_process:
         model.save_pretrained(out / "model")
     accelerator.wait_for_everyone()
