@@ -16,12 +16,17 @@ PEER_FIELDS = ("impl", "llm", "stage", "batch", "gc", "lengths", "samples_s", "r
                "tflops", "mfu", "peak_mem_gib")
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+def load_script(path: Path):
+    """A benchmarks/ script imported as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script(SCRIPT)
 
 
 def test_tiny_cpu_run_prints_the_peer_fields(bench, capsys):
@@ -173,9 +178,7 @@ def test_data_bench_rejects_bad_flags(data_bench):
 
 def test_results_csv_matches_benchmarks_md_and_plots(tmp_path):
     """benchmarks/results.csv (what docs/benchmarks.png shows) holds figures BENCHMARKS.md states, and plots."""
-    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "benchmarks" / "plot_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(ROOT / "benchmarks" / "plot_results.py")
     rows = mod.read(ROOT / "benchmarks" / "results.csv")
     text = (ROOT / "BENCHMARKS.md").read_text()
     assert {r["section"] for r in rows} == {"speed", "scaling"}
