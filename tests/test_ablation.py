@@ -107,6 +107,17 @@ def test_ablation_trains_reports_and_reuses(tiny_ablation, monkeypatch):
     again, _ = run_ablation(abl, base, pairs, cpu=True)
     assert again == rows
 
+    # saved by a vlmkit without a setting added since (at its default): still the same configuration
+    saved_file = out / "clip__mlp" / ablation.CONFIG_NAME
+    saved = json.loads(saved_file.read_text())
+    del saved["run"]["model"]["encoder"]["position_init_std"], saved["run"]["train"]["keep_checkpoints"]
+    saved_file.write_text(json.dumps(saved))
+    assert run_ablation(abl, base, pairs[:1], cpu=True)[0] == rows[:1]
+    saved["run"]["model"]["encoder"]["removed_setting"] = 1  # one it no longer knows: a different one
+    saved_file.write_text(json.dumps(saved))
+    with pytest.raises(AssertionError, match="a finished pair was trained again"):
+        run_ablation(abl, base, pairs[:1], cpu=True)
+
     # a pair whose configuration changed trains again, from scratch (its old checkpoints are not resumed)
     monkeypatch.undo()
     abl.connectors["mlp"] = {"name": "mlp2x_gelu", "options": {"depth": 1}}

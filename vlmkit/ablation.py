@@ -161,6 +161,17 @@ def image_tokens_per_sample(model, eval_path: str, limit: int = 256) -> float:
     return sum(counts) / max(n, 1)
 
 
+def _same_description(saved: dict, described: dict) -> bool:
+    """Whether a pair's saved description is this one. Its run config is read through today's schema first,
+    so a setting vlmkit added since (at its default) does not make every finished pair train again; one
+    that cannot be read any more (a setting since removed) is a different configuration."""
+    try:
+        run = to_dict(from_dict(RunConfig, saved["run"], "run"))
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return False
+    return json.loads(json.dumps({**saved, "run": run}, default=str)) == described
+
+
 def run_pair(cfg: RunConfig, encoder: str, connector: str, eval_data: str, rerun: bool = False,
              cpu: bool = False, context: dict | None = None) -> dict:
     """Train and evaluate one pair (or reuse its finished result); returns its result row.
@@ -180,7 +191,7 @@ def run_pair(cfg: RunConfig, encoder: str, connector: str, eval_data: str, rerun
     # what makes a result reusable: the run config, the eval set and anything else that shaped it (demo size)
     described = json.loads(json.dumps({"run": to_dict(cfg), "eval_data": eval_data, **(context or {})}, default=str))
     result_file, config_file = out / RESULT_NAME, out / CONFIG_NAME
-    same = config_file.exists() and json.loads(config_file.read_text()) == described
+    same = config_file.exists() and _same_description(json.loads(config_file.read_text()), described)
     if same and result_file.exists() and not rerun:
         state.print(f"[ablation] {encoder} + {connector}: finished before, reused ({result_file})")
         return json.loads(result_file.read_text())
