@@ -95,6 +95,15 @@ LLM_KW = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidd
               num_key_value_heads=2, max_position_embeddings=256)
 
 
+
+def free_port() -> str:
+    """A free TCP port for a rendezvous (never a fixed one another run may hold)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory):
     return make_wordlevel_tokenizer(tmp_path_factory.mktemp("tok"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import model_config
+from conftest import free_port, model_config
 from vlmkit import VLM
 from vlmkit.config import DataConfig, StageConfig, TilingConfig, TrainConfig
 from vlmkit.data import ConversationDataset, collate
@@ -130,11 +129,8 @@ def launch_two(script_args: list[str], env: dict, timeout: int = 240) -> subproc
     """This file as a script on 2 gloo processes (accelerate launch), on a free port, one retry when the
     rendezvous loses a race for it (as tests/test_evaluate.py does). A hang is killed after `timeout` s."""
     for _ in range(2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH, "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", port, __file__, *script_args]
+               "--num_machines", "1", "--main_process_port", free_port(), __file__, *script_args]
         try:
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
         except subprocess.TimeoutExpired as e:

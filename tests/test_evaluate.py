@@ -53,12 +53,10 @@ def test_eval_on_two_processes_equals_one(vlm, eval_file, tmp_path):
     base = [sys.executable, "-m", "vlmkit.cli", "eval", str(tmp_path / "model"), "--data", str(eval_file),
             "--max-new-tokens", "3", "--cpu"]
     subprocess.run(base + ["--output-dir", str(tmp_path / "one")], check=True, env=env, capture_output=True)
-    import socket
+    from conftest import free_port
 
     for attempt in range(2):  # one retry: a gloo rendezvous can lose a race for its port on a busy machine
-        with socket.socket() as sock:  # a free rendezvous port, not a fixed one another run may hold
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
+        port = free_port()
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                   "--main_process_port", port]

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ENCODER_CASES, model_config
+from conftest import ENCODER_CASES, free_port, model_config
 from test_train import write_data
 from vlmkit import VLM
 from vlmkit import checkpoint as ckpt
@@ -386,21 +386,13 @@ def _zero3_ready() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_zero3(cfg: str) -> subprocess.Popen:
     """`accelerate launch --config_file recipes/accelerate/zero3.yaml` on 2 GPUs, in its own process group."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(root / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), "-m", "vlmkit.cli", "train", cfg]
+           "--main_process_port", free_port(), "-m", "vlmkit.cli", "train", cfg]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -33,6 +33,7 @@ from .registry import CONNECTORS
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
+
 def _param_id(p: torch.Tensor):
     """A parameter's identity (tied weights share one). DeepSpeed ZeRO-3 leaves every partitioned parameter an
     empty tensor, so there it is the parameter's ds_id, not its address."""
@@ -51,7 +52,6 @@ def _whole(p: torch.Tensor):
 
     with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
         yield
-
 
 
 def resolve_model_dir(path) -> Path:
