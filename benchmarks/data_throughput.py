@@ -4,7 +4,7 @@ Everything is generated in a temp dir from a fixed seed: a pool of photo-like JP
 PNGs) of varied sizes (mostly COCO-like 640x480, also 1920x1080, 2048x1536, panoramas, tall pages, small
 crops), and LLaVA-format conversations (`<image>` in the first turn, 1-8 turns) whose text lengths are the
 shared workload's (`../shared/bench/workload.py`, stage 2, seed 0: the same lengths as
-`train_throughput.py`), exactly in tokens of a Llama-like BPE (Metaspace pre-tokenizer, 32,000 words by
+`peer_workload.py`), exactly in tokens of a Llama-like BPE (Metaspace pre-tokenizer, 32,000 words by
 default) trained in-process on a procedural corpus plus the Vicuna template's words.
 
 The Processor is built as training builds it (`vlmkit.model.build_processor`: the tokenizer loaded from
@@ -52,7 +52,7 @@ from PIL import Image, ImageDraw
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # vlmkit and connectors from this checkout, installed or not
 sys.path.insert(0, str(HERE))
-from train_throughput import SOURCE, text_lengths  # noqa: E402  (the shared workload, one import path)
+from peer_workload import SOURCE, text_lengths  # noqa: E402  (the shared workload, one import path)
 
 from vlmkit.config import (ConnectorConfig, DataConfig, EncoderConfig, LLMConfig, ModelConfig,  # noqa: E402
                            TilingConfig)

@@ -4,8 +4,9 @@
 
 results.csv holds the measured figures of BENCHMARKS.md (each row: the section, the configuration, the
 GPU count, the peer's and vlmkit's samples/s from the same device call, the issue's target). The left
-panel shows vlmkit / peer samples/s per configuration (padded, and the packed fast path) against its target;
-the right one the per-GPU samples/s at N GPUs over the 1-GPU figure, against 0.9.
+panel shows vlmkit / peer samples/s per configuration (light: eager through vlmkit.train.run; dark: the recipe
+with the shipped config's settings) against its target; the right one, when scaling rows exist, the per-GPU
+samples/s at N GPUs over the 1-GPU figure.
 """
 import argparse
 import csv
@@ -32,10 +33,13 @@ def plot(rows, out):
 
     speed = [r for r in rows if r["section"] == "speed"]
     scaling = [r for r in rows if r["section"] == "scaling"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    if scaling:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    else:  # no multi-GPU rows measured on the real path yet
+        fig, a = plt.subplots(1, 1, figsize=(10, 4.2))
 
     ratios = [r["vlmkit_samples_s"] / r["peer_samples_s"] for r in speed]
-    colors = ["#9ecae1" if "padded" in r["config"] else "#1f77b4" for r in speed]
+    colors = ["#9ecae1" if "eager" in r["config"] else "#1f77b4" for r in speed]
     y = range(len(speed))
     a.barh(y, ratios, color=colors)
     for i, (r, q) in enumerate(zip(speed, ratios)):
@@ -49,6 +53,16 @@ def plot(rows, out):
     a.set_xlabel("vlmkit samples/s / transformers' Llava samples/s (same call, same batch)")
     a.set_title("Training throughput, one H200 (red: target)", fontsize=10)
 
+    if scaling:
+        scaling_panel(b, scaling)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def scaling_panel(b, scaling):
     base = {r["config"]: r["vlmkit_samples_s"] for r in scaling if r["gpus"] == 1}
     gpus = [r["gpus"] for r in scaling]
     eff = [r["vlmkit_samples_s"] / base[r["config"]] for r in scaling]
@@ -61,12 +75,6 @@ def plot(rows, out):
     b.set_ylabel("samples/s per GPU / 1-GPU samples/s")
     b.set_title(f"{scaling[0]['config']}: scaling", fontsize=10)
     b.legend(loc="lower right", fontsize=8)
-
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def main(argv=None):

@@ -1,99 +1,45 @@
-"""vlmkit's training throughput at the peer baseline's shapes, on the same workload.
+"""vlmkit's training throughput where users train: `vlmkit.train.run` over LLaVA-format files on disk.
 
-The peer (../shared/bench/peer_hf_llava.py) trains transformers' LlavaForConditionalGeneration with a
-plain loop; this script builds the same model as a `vlmkit.VLM` (CLIP ViT-L/14-336, feature layer -2:
-576 tokens, mlp2x_gelu, a Llama-7B / Qwen2-1.5B / Qwen2-0.5B shaped LLM, random bf16 weights, SDPA)
-and runs vlmkit's own training step, as `vlmkit.train.train_stage` runs it:
-`apply_stage` / `param_groups` for the stage plan, `VLM.forward(**batch, num_items=...)` (labels on
-text only), backward, gradient clipping (vlmkit's default max_grad_norm 1.0; 0 turns it off), fused
-AdamW, cosine schedule. Text lengths come from the shared workload (same seed), batches are
-right-padded to their longest sample like the peer's, and the same FLOP formula gives TFLOP/s and MFU.
+Writes a LLaVA-format JSON and 336x336 JPEG images (text lengths: the shared workload's, seed 0, the exact
+number of tokens of a Llama-like BPE under the stage's template: `plain` captions for stage 1, `vicuna_v1`
+conversations for stage 2), then trains one stage through the entry point a user runs: a `RunConfig` into
+`vlmkit.train.run` (the real DataLoader with workers, the real loop, the recipe's default precision:
+`mixed_precision: bf16` and `train.precision: auto`, logging on, no checkpoints). The model is the peer's shape
+with random weights: CLIP ViT-L/14-336 (feature layer -2, 576 tokens) + mlp2x_gelu + a Llama-7B / Qwen2-1.5B /
+Qwen2-0.5B-shaped LLM built from `config:`.
 
   python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --steps 10
-  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --lora    # LoRA r=64, alpha=128
-  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --qlora   # 4-bit NF4 base + LoRA
-  python3 benchmarks/train_throughput.py --device cpu --llm tiny --batch 2 --steps 2 --warmup 1
-  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --pack --attn varlen   # packed
-  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --gc-every 2 --pack --attn varlen
+  python3 benchmarks/train_throughput.py --llm 7b --stage 1 --batch 32 --steps 10
+  python3 benchmarks/train_throughput.py --llm 1.5b --stage 2 --batch 16 --gc --steps 10
+  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --compile --steps 10
+  python3 benchmarks/train_throughput.py --device cpu --llm tiny --batch 2 --steps 2 --warmup 1   # smoke
 
---pack packs each step's samples (the same workload samples, so samples/s compares with the peer) with
-vlmkit's collate(pack=True): one row (or rows of --pack-max-tokens), positions restarting per sample,
-attention within each sample (--attn varlen: PyTorch's variable-length flash attention; sdpa / eager /
-flex_attention: transformers' block-diagonal mask). Before timing, the first step's batch is run padded
-and packed without gradients and the relative loss difference is reported as pack_check_rel.
---gc-every K / --gc-skip N: selective checkpointing (every K-th decoder layer / not the last N).
---compile: torch.compile each LLM decoder layer (dynamic shapes).
-
-Several GPUs: `accelerate launch --config_file recipes/accelerate/zero2.yaml --num_processes N
-benchmarks/train_throughput.py --distributed ...` runs the same step through accelerate (DDP, DeepSpeed
-ZeRO-2/3 or FSDP2 as the config says; `vlmkit.train.configure_engine` sets DeepSpeed's batch shape):
-each process trains --batch samples per step (its own slice of the workload), the loss is the token mean
-over all processes' labelled tokens, and the JSON line (printed by the main process) adds `world_size`,
-`samples_s_per_gpu` (samples/s over all GPUs / N) and `samples_s` for all of them together.
-
-Prints one JSON line with the peer's fields (impl "vlmkit"). With --lora / --qlora the LLM's weights
-are frozen, so the FLOPs are counted with the formula's stage-1 branch (LLM forward + input-gradient
-backward; the adapters' own FLOPs are not counted).
+Rates are read from the run's own log (output_dir/log.jsonl: per step, cumulative samples, real tokens, model
+FLOPs and seconds) between the end of step `--warmup` and the last step. MFU uses the peer's FLOP formula
+(`vlmkit.flops` computes the same numbers) over real tokens against `--peak` TFLOP/s: `mfu` counts the vision
+encoder's forward too (the peer's formula does), `mfu_llm` only the LLM. Prints one JSON line with the peer's
+fields (impl "vlmkit") plus the memory breakdown of the stage.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # vlmkit and connectors from this checkout, installed or not
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used before the workers fork
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # vlmkit and connectors from this checkout, installed or not
-BENCH = Path(os.environ.get("VLMKIT_PEER_BENCH", REPO.parent / "shared" / "bench"))
+import numpy as np  # noqa: E402
 
-# ---- the shared workload and FLOP formula: imported from the peer's folder when present -------------
-IMAGE_TOKENS = 576
+from peer_workload import SOURCE, text_lengths  # noqa: E402
 
-
-def _text_lengths(n, stage=2, seed=0):
-    """A copy of workload.text_lengths (used only when ../shared/bench is absent)."""
-    rng = np.random.default_rng(seed)
-    if stage == 1:
-        x = rng.lognormal(mean=math.log(60), sigma=0.3, size=n)
-        return np.clip(np.rint(x), 16, 128).astype(int).tolist()
-    x = rng.lognormal(mean=math.log(250), sigma=0.8, size=n)
-    return np.clip(np.rint(x), 16, 1472).astype(int).tolist()
-
-
-def _flops_per_sample(cfg, text_len, stage):
-    """A copy of peer_hf_llava.flops_per_sample (used only when ../shared/bench is absent)."""
-    v, t = cfg.vision_config, cfg.text_config
-    T = IMAGE_TOKENS + text_len
-    vt = IMAGE_TOKENS + 1
-    v_lin = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-    v_fwd = 2 * v_lin * vt + 4 * v.num_hidden_layers * vt * vt * v.hidden_size
-    kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
-    l_lin = t.num_hidden_layers * (2 * t.hidden_size**2 + 2 * t.hidden_size * kv
-                                   + 3 * t.hidden_size * t.intermediate_size)
-    l_fwd = 2 * (l_lin + t.hidden_size * t.vocab_size) * T + 2 * t.num_hidden_layers * T * T * t.hidden_size
-    proj = 2 * (v.hidden_size * t.hidden_size + t.hidden_size**2) * IMAGE_TOKENS
-    if stage == 1:
-        return v_fwd + 2 * l_fwd + 3 * proj
-    return v_fwd + 3 * l_fwd + 3 * proj
-
-
-text_lengths, flops_per_sample, SOURCE = _text_lengths, _flops_per_sample, "own copy"
-if (BENCH / "workload.py").exists() and (BENCH / "peer_hf_llava.py").exists():
-    sys.path.insert(0, str(BENCH))
-    from peer_hf_llava import flops_per_sample  # noqa: E402,F811
-    from workload import IMAGE_TOKENS, text_lengths  # noqa: E402,F811
-
-    SOURCE = str(BENCH)
-
-# ---- shapes ------------------------------------------------------------------------------------------
 LLMS = {  # model_type, hidden, intermediate, layers, heads, kv_heads, vocab (the peer's shapes)
     "7b": ("llama", 4096, 11008, 32, 32, 32, 32064),  # Vicuna-7B / Llama-2-7B
     "1.5b": ("qwen2", 1536, 8960, 28, 12, 2, 151936),  # Qwen2-1.5B
@@ -103,262 +49,173 @@ LLMS = {  # model_type, hidden, intermediate, layers, heads, kv_heads, vocab (th
 VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
               num_attention_heads=16, image_size=336, patch_size=14)  # CLIP ViT-L/14-336
 TINY_VISION = dict(VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+LR = {1: 1e-3, 2: 2e-5}  # LLaVA-1.5's
 
 
-def make_tokenizer(out_dir: str) -> str:
-    """A minimal word-level tokenizer trained in-process (no hub access); the ids the benchmark feeds
-    are random, so only its special tokens and the added <image> matter."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def write_data(folder: Path, a) -> dict:
+    """Images (336x336 JPEG, photo-like), a Llama-like BPE and (warmup + steps) x batch samples whose text is
+    exactly the workload's length in tokens under the stage's template."""
+    import data_throughput as dt
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["a photo of an image", "USER: ASSISTANT: describe it"],
-                            trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(out_dir)
-    return out_dir
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(a.seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    files = []
+    for k in range(a.images):
+        name = f"{k:06d}.jpg"
+        dt.make_image(rng, 336, 336).save(folder / "images" / name, quality=90)
+        files.append(name)
+    words = dt.make_words(np.random.default_rng(a.seed), max(2 * a.vocab, 2000))
+    tok_dir = dt.make_tokenizer(folder / "tokenizer", words, a.vocab, a.seed)
+    from vlmkit.llm import load_tokenizer
+
+    template = "plain" if a.stage == 1 else "vicuna_v1"
+    maker = dt.TextMaker(load_tokenizer(tok_dir, "<image>"), words, template, a.seed)
+    n = (a.warmup + a.steps) * a.batch
+    lengths = text_lengths(n, a.stage, a.seed)
+    records = [{"id": f"bench-{k:06d}", "image": files[k % len(files)], "conversations": maker.conversation(t)}
+               for k, t in enumerate(lengths)]
+    (folder / "data.json").write_text(json.dumps(records))
+    return {"json": str(folder / "data.json"), "image_folder": str(folder / "images"), "tokenizer": tok_dir,
+            "template": template, "lengths": lengths, "seconds": time.perf_counter() - t0}
 
 
-def build_model(a, device: torch.device, dtype: torch.dtype):
-    from vlmkit import VLM
-    from vlmkit.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, QuantizationConfig
+def run_config(a, files: dict, out: Path):
+    """The RunConfig a user would write for this shape (as recipes/configs/llava15_7b.yaml, random weights)."""
+    from vlmkit.config import (ComponentPlan, ConnectorConfig, DataConfig, EncoderConfig, LLMConfig, ModelConfig,
+                               RunConfig, StageConfig, TrainConfig)
 
     mt, h, inter, layers, heads, kvh, vocab = LLMS[a.llm]
-    llm_cfg = dict(model_type=mt, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-                   num_attention_heads=heads, num_key_value_heads=kvh, vocab_size=vocab,
-                   max_position_embeddings=4096, tie_word_embeddings=False)
-    cfg = ModelConfig(
-        encoder=EncoderConfig(name="clip", config=dict(TINY_VISION if a.llm == "tiny" else VISION), feature_layer=-2),
+    llm = dict(model_type=mt, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+               num_attention_heads=heads, num_key_value_heads=kvh, vocab_size=vocab, max_position_embeddings=4096,
+               tie_word_embeddings=False)
+    model = ModelConfig(
+        encoder=EncoderConfig(name="clip", config=dict(TINY_VISION if a.llm == "tiny" else VISION), feature_layer=-2,
+                              image_aspect="pad"),
         connector=ConnectorConfig("mlp2x_gelu"),
-        llm=LLMConfig(config=llm_cfg, tokenizer=make_tokenizer(tempfile.mkdtemp(prefix="vlmkit-bench-tok-")),
-                      attn_implementation=a.attn, quantization=QuantizationConfig() if a.qlora else None),
-    )
-    torch.manual_seed(0)
-    with device:  # weights initialised on the device, as the peer does
-        model = VLM.from_config(cfg, dtype=dtype)
-    return model.to(device)
-
-
-def stage_config(a):
-    from vlmkit.config import ComponentPlan, DataConfig, StageConfig
-
+        llm=LLMConfig(config=llm, tokenizer=files["tokenizer"], attn_implementation=a.attn), template="vicuna_v1")
     plan = {"connector": ComponentPlan(mode="full")}
     if a.stage == 2:
-        plan["llm"] = (ComponentPlan(mode="lora", r=a.lora_r, alpha=a.lora_alpha, dropout=0.05)
-                       if a.lora or a.qlora else ComponentPlan(mode="full"))
-    return StageConfig(name=f"stage{a.stage}", train=plan,
-                       data=DataConfig(path="synthetic", pack=a.pack, pack_max_tokens=a.pack_max_tokens), lr=a.lr,
-                       global_batch_size=a.batch, per_device_batch_size=a.batch, max_grad_norm=a.max_grad_norm,
-                       gradient_checkpointing=a.gc, gradient_checkpointing_every=a.gc_every,
-                       gradient_checkpointing_skip=a.gc_skip, max_steps=a.warmup + a.steps)
+        plan["llm"] = (ComponentPlan(mode="lora", r=a.lora_r, alpha=2 * a.lora_r, dropout=0.05) if a.lora
+                       else ComponentPlan(mode="full"))
+    stage = StageConfig(
+        name=f"stage{a.stage}", train=plan,
+        data=DataConfig(path=files["json"], image_folder=files["image_folder"], template=files["template"],
+                        max_length=2048, num_workers=a.workers, pack=not a.no_pack),
+        lr=LR[a.stage], weight_decay=0.0, global_batch_size=a.batch, per_device_batch_size=a.batch,
+        max_steps=a.warmup + a.steps, warmup_ratio=0.03, gradient_checkpointing=a.gc,
+        gradient_checkpointing_every=a.gc_every, gradient_checkpointing_skip=a.gc_skip, compile=a.compile)
+    train = TrainConfig(output_dir=str(out), mixed_precision="bf16" if a.device == "cuda" else "no",
+                        precision=a.precision, seed=0, log_with=a.log_with, log_every=1, save_steps=0,
+                        save_models=False, resume="never")
+    return RunConfig(model=model, stages=[stage], train=train)
+
+
+def launch_recipe(cfg, root: Path, a) -> dict:
+    """`accelerate launch recipes/llava15.py --config run.yaml` (one process) on the same config; the stage's
+    metrics (precision, loss, memory) come from the last record of its log."""
+    import subprocess
+
+    import yaml
+
+    from vlmkit.config import to_dict
+
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--dynamo_backend", "no", "--mixed_precision", cfg.train.mixed_precision or "no"]
+    if a.device == "cpu":
+        cmd.append("--cpu")
+    cmd += [str(HERE.parent / "recipes" / "llava15.py"), "--config", str(path)]
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    last = json.loads((root / "run" / "log.jsonl").read_text().splitlines()[-1])
+    return {"precision": last.get("precision"), "final_loss": last["loss"], "memory": last.get("memory")}
+
+
+def steady(log: list[dict], warmup: int) -> dict:
+    """Rates between the end of step `warmup` and the last step of the run's log."""
+    first = next(r for r in log if r["step"] == warmup)
+    last = log[-1]
+    dt = last["elapsed"] - first["elapsed"]
+    return {"steps": last["step"] - warmup, "seconds": dt,
+            **{k: (last[k] - first[k]) / dt for k in ("samples", "tokens", "flops", "llm_flops")}}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llm", default="7b", choices=LLMS)
-    p.add_argument("--stage", type=int, default=1, choices=[1, 2])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--fixed-len", type=int, default=0, help="every sample this many text tokens")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--gc", action="store_true", help="gradient checkpointing (VLM.enable_gradient_checkpointing)")
-    p.add_argument("--lora", action="store_true", help="stage 2 with LoRA adapters on the LLM's linear layers")
-    p.add_argument("--qlora", action="store_true", help="--lora on a 4-bit NF4 LLM (bitsandbytes, CUDA)")
-    p.add_argument("--lora-r", type=int, default=64)
-    p.add_argument("--lora-alpha", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="vlmkit's default clipping; 0: none")
-    p.add_argument("--attn", default="sdpa", help="sdpa | eager | flex_attention | varlen (vlmkit's, for --pack)")
-    p.add_argument("--pack", action="store_true", help="pack each step's samples into one row (vlmkit collate)")
-    p.add_argument("--pack-max-tokens", type=int, default=0, help="with --pack: most tokens per row (0: one row)")
+    p.add_argument("--stage", type=int, default=2, choices=[1, 2])
+    p.add_argument("--batch", type=int, default=16, help="global batch = per-device batch (one optimizer step)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="steps before timing (workers start, kernels warm)")
+    p.add_argument("--gc", action="store_true", help="gradient checkpointing")
     p.add_argument("--gc-every", type=int, default=1, help="with --gc: checkpoint every K-th decoder layer")
     p.add_argument("--gc-skip", type=int, default=0, help="with --gc: leave the last N decoder layers un-checkpointed")
-    p.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder layer")
-    p.add_argument("--no-pack-check", action="store_true", help="skip the padded-vs-packed loss check")
+    p.add_argument("--compile", action="store_true", help="the stage's compile: true (decoder layers)")
+    p.add_argument("--lora", action="store_true", help="stage 2 with LoRA on the LLM")
+    p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument("--attn", default="varlen", help="llm.attn_implementation (the recipes': varlen)")
+    p.add_argument("--no-pack", action="store_true", help="padded batches instead of data.pack")
+    p.add_argument("--precision", default="auto", help="train.precision (auto: bf16-master on a GPU)")
+    p.add_argument("--workers", type=int, default=4, help="data.num_workers")
+    p.add_argument("--images", type=int, default=64, help="distinct image files")
+    p.add_argument("--vocab", type=int, default=4000, help="BPE vocabulary of the generated text")
+    p.add_argument("--log-with", default="tensorboard", help="train.log_with ('none': off)")
     p.add_argument("--peak", type=float, default=790.0, help="bf16 dense TFLOP/s of the device (MFU)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--distributed", action="store_true",
-                   help="run the step through accelerate (under `accelerate launch`: DDP / DeepSpeed / FSDP)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", metavar="DIR", help="write data and run here and keep them (default: a temp dir)")
+    p.add_argument("--via-recipe", action="store_true",
+                   help="write the run config as YAML and train with `accelerate launch recipes/llava15.py --config`")
     a = p.parse_args(argv)
-    if (a.lora or a.qlora) and a.stage != 2:
-        p.error("--lora / --qlora train adapters on the LLM: use --stage 2")
+    if a.lora and a.stage != 2:
+        p.error("--lora trains adapters on the LLM: use --stage 2")
     if (a.gc_every != 1 or a.gc_skip) and not a.gc:
-        p.error("--gc-every / --gc-skip select which layers --gc checkpoints: add --gc")
-    if a.gc_every < 1 or a.gc_skip < 0 or a.pack_max_tokens < 0:
-        p.error("--gc-every >= 1, --gc-skip >= 0, --pack-max-tokens >= 0")
-    if a.pack_max_tokens and not a.pack:
-        p.error("--pack-max-tokens needs --pack")
+        p.error("--gc-every / --gc-skip need --gc")
+    a.log_with = None if a.log_with == "none" else a.log_with
     return a
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    from transformers import get_cosine_schedule_with_warmup
+    root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="vlmkit-train-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        files = write_data(root / "data", a)
+        cfg = run_config(a, files, root / "run")
+        os.environ["VLMKIT_PEAK_TFLOPS"] = str(a.peak)  # the loop's own MFU uses the same peak
+        import torch
 
-    from vlmkit.data.processor import collate
-    from vlmkit.stages import apply_stage, format_table, param_groups, validate_plan
+        from vlmkit.train import run
 
-    acc, world, rank = None, 1, 0
-    if a.distributed:
-        from vlmkit.config import TrainConfig
-        from vlmkit.train import make_accelerator
+        t0 = time.perf_counter()
+        if a.via_recipe:
+            m = launch_recipe(cfg, root, a)
+        else:
+            m = run(cfg, cpu=a.device == "cpu")[2][0]
+        wall = time.perf_counter() - t0
+        log = [json.loads(line) for line in (root / "run" / "log.jsonl").read_text().splitlines()]
+        rate = steady(log, a.warmup)
+        mem = m.get("memory") or {}
+        if not mem:
+            import resource
 
-        acc = make_accelerator(TrainConfig(log_with=None), cpu=a.device == "cpu")
-        world, rank = acc.num_processes, acc.process_index
-    device = acc.device if acc is not None else torch.device(a.device)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    t_build = time.perf_counter()
-    model = build_model(a, device, dtype)
-    stage = stage_config(a)
-    validate_plan(model, stage)
-    rows = apply_stage(model, stage.train, stage.lr)
-    print(format_table(rows, f"vlmkit {a.llm} {stage.name}"), file=sys.stderr)
-    if stage.gradient_checkpointing:
-        flags = model.enable_gradient_checkpointing(stage.gradient_checkpointing_every,
-                                                    stage.gradient_checkpointing_skip)
-        print(f"gradient checkpointing: {sum(flags)} of {len(flags)} decoder layers", file=sys.stderr)
-    if a.compile:
-        print(f"compiled {model.compile_decoder_layers()} decoder layers", file=sys.stderr)
-    model.train()
-    opt = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=(0.9, 0.999), fused=cuda)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(stage.warmup_ratio * stage.max_steps), stage.max_steps)
-    if acc is not None:
-        from vlmkit.train import configure_engine, engine
-
-        configure_engine(acc, a.batch, 1, stage.max_grad_norm, model.llm.config.hidden_size)
-        model, opt = acc.prepare(model, opt)
-        print(f"rank {rank}/{world}: {engine(acc)}", file=sys.stderr)
-    params = [q for q in model.parameters() if q.requires_grad]
-    print(f"built in {time.perf_counter() - t_build:.0f}s; workload from {SOURCE}", file=sys.stderr)
-
-    raw = acc.unwrap_model(model) if acc is not None else model
-    vocab = raw.llm.config.vocab_size
-    image_token = raw.image_token_id
-    n = (a.warmup + a.steps) * a.batch * world
-    lens = [a.fixed_len] * n if a.fixed_len else text_lengths(n, a.stage)
-    if world > 1:  # process r trains samples [i * world + r] of the global workload at step i
-        lens = [l for i in range(a.warmup + a.steps) for l in lens[(i * world + rank) * a.batch:
-                                                                     (i * world + rank + 1) * a.batch]]
-    size = raw.encoder.image_size
-    pix = torch.randn(a.batch, 3, size, size, device=device, dtype=dtype)
-
-    def batch(i):  # the peer's batch: BOS, 576 image tokens, text; right-padded to the longest sample
-        ls = lens[i * a.batch:(i + 1) * a.batch]
-        T = IMAGE_TOKENS + max(ls)
-        ids = torch.randint(0, vocab - 2, (a.batch, T), device=device)
-        ids = ids.masked_fill(ids == image_token, image_token + 1)  # random text never hits the placeholder
-        ids[:, 1:1 + IMAGE_TOKENS] = image_token
-        mask = torch.zeros_like(ids)
-        for r, l in enumerate(ls):
-            mask[r, :IMAGE_TOKENS + l] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        labels[:, :1 + IMAGE_TOKENS] = -100
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pix}, ls
-
-    def samples(i):  # the same work as batch(i), as vlmkit samples (ids, labels, one image each)
-        ls = lens[i * a.batch:(i + 1) * a.batch]
-        out = []
-        for r, l in enumerate(ls):
-            ids = torch.randint(0, vocab - 2, (IMAGE_TOKENS + l,))
-            ids = ids.masked_fill(ids == image_token, image_token + 1)
-            ids[1:1 + IMAGE_TOKENS] = image_token
-            labels = ids.clone()
-            labels[:1 + IMAGE_TOKENS] = -100
-            out.append({"input_ids": ids, "labels": labels, "pixel_values": pix[r:r + 1], "id": r})
-        return out, ls
-
-    def to_device(b):
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-
-    pad_id = raw.tokenizer.pad_token_id
-
-    def packed_batch(i):  # vlmkit's collate(pack=True) over the same lengths
-        s, ls = samples(i)
-        return to_device(collate(s, pad_id, pack=True, max_tokens=a.pack_max_tokens)), ls
-
-    def pack_check():
-        """Loss of one batch padded vs packed (no gradients): the packed path must give the same loss."""
-        s, _ = samples(0)
-        with torch.no_grad():
-            ref = float(model(**to_device(collate(s, pad_id))))
-            got = float(model(**to_device(collate(s, pad_id, pack=True, max_tokens=a.pack_max_tokens))))
-        return abs(got - ref) / abs(ref)
-
-    make = packed_batch if a.pack else batch
-
-    def step(i):  # vlmkit.train.train_stage's step with one micro-batch on one process
-        b, ls = make(i)
-        n_items = int((b["labels"][:, 1:] != -100).sum())
-        if acc is None:
-            loss = model(**b, num_items=n_items)
-            loss.backward()
-            if stage.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-        else:  # as train_stage: token mean over every process's labelled tokens
-            n_items = int(acc.reduce(torch.tensor(n_items, device=device), "sum"))
-            loss = model(**b, num_items=n_items)
-            acc.backward(loss * world)
-            if stage.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, stage.max_grad_norm)
-            loss = acc.reduce(loss.detach(), "sum")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        loss = float(loss.detach())  # train_stage checks every step's loss (a host sync, as there)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {i}")
-        return loss, ls, b["input_ids"].numel()
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    check = None
-    if a.pack and not a.no_pack_check:
-        check = pack_check()
-        print(f"pack check: |packed - padded| / padded loss = {check:.2e}", file=sys.stderr)
-    for i in range(a.warmup):
-        step(i)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    flop_stage = 1 if (a.lora or a.qlora) else a.stage
-    shapes = SimpleNamespace(vision_config=raw.encoder.model.config, text_config=raw.llm.config)
-    real = padded = flops = 0
-    t0 = time.perf_counter()
-    for i in range(a.warmup, a.warmup + a.steps):
-        loss, ls, numel = step(i)
-        real += sum(IMAGE_TOKENS + l for l in ls)
-        padded += numel
-        flops += sum(flops_per_sample(shapes, l, flop_stage) for l in ls)
-    sync()
-    dt = time.perf_counter() - t0
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process RSS)
-    res = dict(impl="vlmkit", llm=a.llm, stage=a.stage, batch=a.batch, gc=a.gc,
-               lengths="fixed" if a.fixed_len else "workload",
-               samples_s=round(a.steps * a.batch / dt, 2), real_tokens_s=round(real / dt),
-               pad_fraction=round(1 - real / padded, 3), tflops=round(flops / dt / 1e12, 1),
-               mfu=round(flops / dt / 1e12 / a.peak, 3), peak_mem_gib=round(peak, 1),
-               mode="qlora" if a.qlora else "lora" if a.lora else "full", max_grad_norm=a.max_grad_norm,
-               loss=round(loss, 4), pack=a.pack, pack_max_tokens=a.pack_max_tokens, gc_every=a.gc_every,
-               gc_skip=a.gc_skip, attn=a.attn, compile=a.compile,
-               pack_check_rel=None if check is None else float(f"{check:.3g}"))
-    if acc is not None:  # this process's figures times the processes (the same work each): all GPUs together
-        res.update(world_size=world, engine=engine(acc), samples_s_per_gpu=res["samples_s"],
-                   samples_s=round(res["samples_s"] * world, 2))
-        if not acc.is_main_process:
-            return res
-    print(json.dumps(res), flush=True)
-    return res
+            mem = {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # host RSS
+        res = dict(impl="vlmkit", path="recipe" if a.via_recipe else "run", llm=a.llm, stage=a.stage, batch=a.batch, gc=a.gc,
+                   lengths="workload", samples_s=round(rate["samples"], 2), real_tokens_s=round(rate["tokens"]),
+                   pad_fraction=0.0 if not a.no_pack else None, tflops=round(rate["flops"] / 1e12, 1),
+                   mfu=round(rate["flops"] / 1e12 / a.peak, 3), mfu_llm=round(rate["llm_flops"] / 1e12 / a.peak, 3),
+                   peak_mem_gib=round(mem["peak_gib"], 1), memory=mem, precision=m["precision"],
+                   mode="lora" if a.lora else "full", pack=not a.no_pack, attn=a.attn, compile=a.compile,
+                   gc_every=a.gc_every, gc_skip=a.gc_skip, workers=a.workers, timed_steps=rate["steps"],
+                   loss=round(m["final_loss"], 4), data_seconds=round(files["seconds"], 1),
+                   run_seconds=round(wall, 1), workload=SOURCE, torch=torch.__version__)
+        print(json.dumps(res), flush=True)
+        return res
+    finally:
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

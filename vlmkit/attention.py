@@ -98,9 +98,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             raise NotImplementedError(f"varlen attention does not support {unsupported}: use attn_implementation "
                                       "sdpa or flex_attention for this LLM")
     B, H, T, D = query.shape
-    q = query.transpose(1, 2).reshape(B * T, H, D)  # [N, H, D] (a view: q was [B, T, H, D] before its transpose)
-    k = key.transpose(1, 2).reshape(B * T, key.shape[1], D).to(q.dtype)  # [N, Hkv, D]
-    v = value.transpose(1, 2).reshape(B * T, value.shape[1], D).to(q.dtype)
+    dtype = compute_dtype(query)
+    q = query.transpose(1, 2).reshape(B * T, H, D).to(dtype)  # [N, H, D] (q was [B, T, H, D] before its transpose)
+    k = key.transpose(1, 2).reshape(B * T, key.shape[1], D).to(dtype)  # [N, Hkv, D]
+    v = value.transpose(1, 2).reshape(B * T, value.shape[1], D).to(dtype)
     cu = cu.to(device=q.device, dtype=torch.int32)
     max_len = kwargs.get("max_length_q")
     out = None
@@ -109,6 +110,20 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if out is None:
         out = _per_sample_sdpa(q, k, v, cu, scaling)
     return out.view(B, T, H, D), None
+
+
+def compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: autocast's when autocast is on for the query's device, else the query's.
+
+    Under autocast with float32 weights (accelerate's `mixed_precision: bf16` over an fp32 model) the
+    projections come out in bf16, but the rotary embedding multiplies them by cos / sin in the residual
+    stream's dtype (float32), so q and k arrive in float32 while v is bf16. torch's SDPA is on autocast's
+    list and casts by itself; the variable-length kernel is not, and would see float32 queries: no flash
+    kernel, a per-sample loop with a host sync instead (4x slower at 1.5B). Cast here, as SDPA would."""
+    device = query.device.type
+    if query.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
 
 
 def _per_sample_sdpa(q, k, v, cu, scaling):

@@ -382,8 +382,21 @@ class TrainConfig:
     checkpoints, logs and stage markers under output_dir are removed); or a checkpoint folder's path."""
     log_samples: bool = False
     """Also write output_dir/samples.jsonl: the sample ids of every optimizer step (all processes)."""
+    precision: str = "auto"
+    """Where the weights live and what the optimizer keeps (vlmkit/precision.py). auto: under
+    `mixed_precision: bf16` (one process or DDP) `bf16-master`: bf16 weights and matrix work, fp32 master weights
+    and optimizer states for the trained parameters only; under DeepSpeed / FSDP the engine's own master weights;
+    without mixed precision fp32. Or explicitly: bf16-master | autocast (fp32 weights under torch.autocast:
+    slower) | bf16-pure (bf16 optimizer states: rounds away updates under ~1/256 of a weight) | fp32."""
+    save_models: bool = True
+    """Write each stage's model folder and output_dir/model. false: nothing is saved and a rerun cannot resume
+    (benchmarks, dry runs)."""
 
     def __post_init__(self):
+        from .precision import REGIMES
+
+        if self.precision not in REGIMES:
+            raise ConfigError(f"train.precision must be one of {', '.join(REGIMES)}, got {self.precision!r}")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints must be an integer >= 1, got {self.keep_checkpoints!r}")
         if self.resume is True or self.resume is False:  # YAML true / false

@@ -19,9 +19,13 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
+from . import precision as prec
 from .config import DataConfig, RunConfig, StageConfig, TrainConfig
+from .data.conversation import IGNORE
 from .data.dataset import ConversationDataset
 from .data.processor import collate
+from .flops import FlopCounter, peak_flops
+from .progress import Meter
 from .stages import apply_stage, format_table, param_groups, validate_plan
 
 
@@ -237,6 +241,58 @@ def make_loader(dataset, data: DataConfig, batch_size: int, pad_id: int) -> Data
                       collate_fn=partial(collate, pad_id=pad_id, pack=data.pack, max_tokens=data.pack_max_tokens))
 
 
+def make_optimizer(accelerator: Accelerator, raw, stage: StageConfig, precision: str) -> torch.optim.Optimizer:
+    """AdamW over the stage's parameter groups; under `bf16-master` over fp32 masters of the bf16 weights (made on
+    the training device, so the model goes there first: accelerate's prepare would move it anyway)."""
+    kw = dict(lr=stage.lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda")
+    if precision == "bf16-master":
+        raw.to(accelerator.device)
+        return prec.MasterAdamW(param_groups(raw, stage), **kw)
+    return torch.optim.AdamW(param_groups(raw, stage), **kw)
+
+
+COUNTS = ("labels", "tokens", "samples", "flops", "llm_flops")
+
+
+def window_counts(accelerator: Accelerator, window: list[dict], flop_counter: FlopCounter) -> dict:
+    """An optimizer step's trained targets, real tokens, samples and model FLOPs over every process: read from
+    collate's plain-int counts (no device sync), then one all-reduce when there are several processes."""
+    vals = [0.0] * len(COUNTS)
+    for b in window:
+        lengths = b["lengths"] if "lengths" in b else b["attention_mask"].sum(1).tolist()
+        labels = b["num_labels"] if "num_labels" in b else int((b["labels"][:, 1:] != IGNORE).sum())
+        tiles = 0 if b.get("pixel_values") is None else int(b["pixel_values"].shape[0])
+        flops, llm_flops = flop_counter.step(lengths, tiles)
+        for i, v in enumerate((labels, sum(lengths), len(b["ids"]), flops, llm_flops)):
+            vals[i] += v
+    if accelerator.num_processes > 1:
+        vals = accelerator.reduce(torch.tensor(vals, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return dict(zip(COUNTS, vals))
+
+
+def memory_report(accelerator: Accelerator, raw, opt) -> dict:
+    """Peak device memory of the stage (GiB) and what its weights, gradients, fp32 master weights and optimizer
+    states take; the rest of the peak is activations and workspace. CUDA only ({} elsewhere)."""
+    if accelerator.device.type != "cuda":
+        return {}
+    def size(ts):
+        return sum(t.numel() * t.element_size() for t in ts) / 2**30
+
+    inner = getattr(opt, "optimizer", opt)
+    trainable = [p for p in raw.parameters() if p.requires_grad]
+    try:
+        states = size(t for st in inner.state.values() for t in st.values() if torch.is_tensor(t) and t.dim())
+    except AttributeError:  # an engine's optimizer that keeps its state elsewhere
+        states = None
+    rep = {"peak_gib": torch.cuda.max_memory_allocated(accelerator.device) / 2**30,
+           "weights_gib": size(raw.parameters()), "grads_gib": size(trainable),
+           "master_weights_gib": inner.master_bytes() / 2**30 if isinstance(inner, prec.MasterAdamW) else 0.0,
+           "optimizer_states_gib": states}
+    known = sum(v for k, v in rep.items() if k != "peak_gib" and v is not None)
+    rep["activations_and_other_gib"] = max(0.0, rep["peak_gib"] - known)
+    return {k: None if v is None else round(v, 2) for k, v in rep.items()}
+
+
 def draw_window(stream: BatchStream, accum: int, skipped: list, stage: str, patience: int) -> list[dict]:
     """The next `accum` micro-batches that hold samples. A micro-batch whose samples were all skipped
     (on_bad_sample: skip) is replaced by the next one, so every process still makes exactly `accum`
@@ -258,7 +314,7 @@ def draw_window(stream: BatchStream, accum: int, skipped: list, stage: str, pati
 
 def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, log_dir: Path,
                 step_offset: int = 0, log_every: int = 10, save_steps: int = 0, keep: int = 2,
-                resume: dict | None = None, log_samples: bool = False, on_finish=None) -> dict:
+                resume: dict | None = None, log_samples: bool = False, on_finish=None, precision: str = "fp32") -> dict:
     """Train `model` for one stage of the plan on `dataset`; returns the stage's metrics.
 
     With `save_steps`, a resumable checkpoint (model, optimizer, scheduler, RNG states, data position;
@@ -267,6 +323,7 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     such a checkpoint, whose weights the model already holds: the stage continues after its step.
     `on_finish(prepared_model, metrics)` runs on every process after the last step, before the engine is
     released: where `run` saves the stage's model (gathering ZeRO-3 / FSDP shards needs the engine).
+    `precision`: the regime `vlmkit.precision.resolve` chose (bf16-master: the optimizer keeps fp32 masters).
     """
     raw = accelerator.unwrap_model(model)
     rows = apply_stage(raw, stage.train, stage.lr)
@@ -293,8 +350,7 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     n_batches = math.ceil(len(dataset) / per_step)
     total = stage.max_steps or max(1, math.ceil(stage.epochs * n_batches / accum))
 
-    opt = torch.optim.AdamW(param_groups(raw, stage), lr=stage.lr, betas=(0.9, 0.999),
-                            fused=accelerator.device.type == "cuda")
+    opt = make_optimizer(accelerator, raw, stage, precision)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(stage.warmup_ratio * total), total)
     shape = {"stage": stage.name, "total": total, "world_size": world, "micro_batch": micro, "accum": accum,
              "samples": len(dataset)}
@@ -328,15 +384,20 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     last_good = resume["dir"] if resume else None
     if state is not None:  # last: nothing above may draw from the restored generators
         ckpt.set_rng_state(ckpt.load_rng_state(resume["dir"], rank))
+    flop_counter = FlopCounter.for_model(raw).with_stage(raw)
+    meter = Meter(total, start, peak=peak_flops(accelerator.device))
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     bar = tqdm(total=total, initial=start, desc=stage.name, disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     log_path, samples_path = log_dir / "log.jsonl", log_dir / "samples.jsonl"
     t0 = time.perf_counter() - (state["seconds"] if state else 0.0)
     last = {}
     for step in range(start + 1, total + 1):
         window = draw_window(stream, accum, skipped, stage.name, len(loader))
-        local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-        n_items = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
+        counts = window_counts(accelerator, window, flop_counter)  # every process's together
+        n_items = int(counts["labels"])
         loss_sum = torch.zeros((), device=accelerator.device)
         ids = [i for b in window for i in b["ids"]]
         for k, b in enumerate(window):
@@ -361,16 +422,18 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
         opt.step()  # the loss was checked first: a NaN never reaches the weights
         opt.zero_grad(set_to_none=True)
         sched.step()
-        seen += sum(len(b["ids"]) for b in window) * world
-        tokens += int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in window),
-                                                      device=accelerator.device), "sum"))
+        seen += int(counts["samples"])
+        tokens += int(counts["tokens"])
+        meter.update(int(counts["samples"]), int(counts["tokens"]), counts["flops"], counts["llm_flops"])
         dt = time.perf_counter() - t0
-        last = {"loss": step_loss, "lr": sched.get_last_lr()[0], "samples_per_second": seen / dt,
-                "tokens_per_second": tokens / dt}
+        last = {"loss": step_loss, "lr": sched.get_last_lr()[0], **meter.rates(), "samples": seen, "tokens": tokens,
+                "flops": meter.flops, "llm_flops": meter.llm_flops, "elapsed": round(dt, 4)}
         if stage.max_grad_norm > 0 and grad_norm is not None:
             last["grad_norm"] = grad_norm
+        if step == total:  # the stage's last record says how it trained and what memory it took
+            last.update(precision=precision, memory=memory_report(accelerator, raw, opt))
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{seen / dt:.1f}", tok_s=f"{tokens / dt:.0f}", refresh=False)
+        bar.set_postfix_str(meter.postfix(step_loss), refresh=False)
         if step % max(1, log_every) == 0 or step == total:
             accelerator.log({f"{stage.name}/{k}": v for k, v in last.items()}, step=step_offset + step)
             if accelerator.is_main_process:
@@ -395,7 +458,8 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     accelerator.wait_for_everyone()
     metrics = {"stage": stage.name, "steps": total, "samples": seen, "seconds": round(dt, 2),
                "train_samples_per_second": seen / dt, "train_tokens_per_second": tokens / dt,
-               "final_loss": last.get("loss"), "skipped": skipped}
+               "final_loss": last.get("loss"), "skipped": skipped, "precision": precision,
+               "recent": meter.rates(), "memory": last.get("memory") or memory_report(accelerator, raw, opt)}
     if on_finish is not None:
         on_finish(model, metrics)
     accelerator.free_memory()
@@ -473,7 +537,15 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     point = ckpt.find_resume(out, names, cfg.train.resume)
     if cfg.train.log_with:
         accelerator.init_trackers("vlmkit")
-    model = model if model is not None else VLM.from_config(cfg.model)
+    regime = prec.resolve(cfg.train.precision, accelerator.mixed_precision, engine(accelerator),
+                          quantized=cfg.model.llm.quantization is not None)
+    dtype = prec.weight_dtype(regime)
+    if model is None:
+        with build_device(accelerator, cfg):
+            model = VLM.from_config(cfg.model, dtype=dtype)
+    elif dtype is not None:
+        model.to(dtype)
+    accelerator.print(f"precision: {regime}" + (f" ({prec.DESCRIPTION[regime]})" if regime in prec.DESCRIPTION else ""))
     for stage in cfg.stages:  # every plan checked before any training starts
         validate_plan(accelerator.unwrap_model(model), stage)
     if point is not None:
@@ -507,6 +579,8 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
             """The stage's folder (and, after the last stage with sharded weights, the final model), written
             while the engine can still gather ZeRO-3 / FSDP shards into full tensors."""
             nonlocal final_saved
+            if not cfg.train.save_models:
+                return
             final = {"format": ckpt.FORMAT, "stage": stage.name, "step": m["steps"], "done": True}
             rng = gather_object([ckpt.rng_state()])
             state = full_state_dict(accelerator, prepared)  # a collective: every process
@@ -523,7 +597,7 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
 
         m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every,
                         cfg.train.save_steps, keep=cfg.train.keep_checkpoints, resume=resume,
-                        log_samples=cfg.train.log_samples, on_finish=finish)
+                        log_samples=cfg.train.log_samples, on_finish=finish, precision=regime)
         model = accelerator.unwrap_model(model)
         step_offset += m["steps"]
         if m["skipped"]:
@@ -544,12 +618,24 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
             model = VLM.from_pretrained(whole).to(accelerator.device)
         if whole != out / "model" and accelerator.is_main_process:
             model.save_pretrained(out / "model")
-    elif accelerator.is_main_process:
+    elif accelerator.is_main_process and cfg.train.save_models:
         model.save_pretrained(out / "model")
     accelerator.wait_for_everyone()
     if cfg.train.log_with:
         accelerator.end_training()
     return model, accelerator, metrics
+
+
+def build_device(accelerator: Accelerator, cfg: RunConfig):
+    """Where `run` builds the model: straight on the GPU when one process holds all of it (one GPU, DDP): random
+    parts are initialised there and pretrained ones load there, with no full-size copy in host memory. Under
+    DeepSpeed / FSDP (their own placement) and for a 4-bit LLM (bitsandbytes places it), on the host."""
+    from contextlib import nullcontext
+
+    if (accelerator.device.type != "cuda" or engine(accelerator) not in ("none", "ddp")
+            or cfg.model.llm.quantization is not None):
+        return nullcontext()
+    return torch.device(accelerator.device)
 
 
 def _read_metrics(folder: Path, stage: str) -> dict:

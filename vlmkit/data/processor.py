@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from .. import tiling as T
-from .conversation import encode, get_template, normalize, truncate
+from .conversation import IGNORE, encode, get_template, normalize, truncate
 from .images import ImageTransform
 
 
@@ -113,6 +113,7 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right", pack:
         "pixel_values": cat_pixels(kept),  # [N_tiles, 3, H, W]
         "ids": [s.get("id") for s in kept],
         "skipped": skipped,
+        **_counts(kept),
         **_image_layout(kept),
     }
 
@@ -174,8 +175,18 @@ def collate_packed(samples: list[dict], pad_id: int, max_tokens: int = 0, pad_to
         "pixel_values": cat_pixels(kept),  # [N_tiles, 3, H, W], sample order
         "ids": [s.get("id") for s in kept],
         "skipped": skipped,
+        **_counts(kept),
         **_image_layout(kept),
     }
+
+
+def _counts(kept: list[dict]) -> dict:
+    """Plain-int counts of a batch, made in the loader's workers so that the training loop needs no device sync
+    to read them: `lengths` (real tokens per sample) and `num_labels` (the targets the loss counts: each sample's
+    labels[1:] other than IGNORE, padded or packed alike)."""
+    lengths = [len(s["input_ids"]) for s in kept]
+    labels = sum(int((torch.as_tensor(s["labels"])[1:] != IGNORE).sum()) for s in kept)
+    return {"lengths": lengths, "num_labels": labels}
 
 
 def cat_pixels(kept: list[dict]) -> torch.Tensor:
