@@ -205,24 +205,39 @@ def _content_macro(image_token: str, image_sep: str) -> str:
             "{%- endif -%}{%- endmacro -%}")
 
 
+def _with_bos(body: str, template, tokenizer, image_token: str) -> str:
+    """`body` (Jinja) preceded by the BOS text `encode` puts in front (`conversation.bos_text`): the BOS token and,
+    for a sentencepiece-style tokenizer, the space that gives the first word its prefix space as at the start of a
+    string (none when the rendering starts with an added token such as the image token)."""
+    from .data.conversation import added_tokens, bos_glue
+
+    if not (template.add_bos and tokenizer is not None and tokenizer.bos_token):
+        return body
+    glue = bos_glue(tokenizer)
+    if not glue:
+        return "{{ bos_token }}" + body
+    specials = tuple(dict.fromkeys(added_tokens(tokenizer) + (image_token,)))
+    return ("{%- set body -%}" + body + "{%- endset -%}{{ bos_token }}"
+            "{%- if body and not body.startswith((" + ", ".join(_lit(t) for t in specials) + ",)) -%}"
+            "{{ " + _lit(glue) + " }}{%- endif -%}{{ body }}")
+
+
 def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) -> str:
     """A Jinja chat template rendering conversations as vlmkit's `template` does.
 
     For a prompt (`add_generation_prompt=True`) and for conversations ending with an answer, the
-    text equals the concatenation of vlmkit's segments. A list content (`[{"type": "image"},
-    {"type": "text", ...}]`) becomes `<image>\\n` per image, then the texts.
+    text equals `conversation.render`'s (BOS text included), so its ids are `encode`'s. A list content
+    (`[{"type": "image"}, {"type": "text", ...}]`) becomes `<image>\\n` per image, then the texts.
     """
     from .data.conversation import PlainTemplate, Template, TokenizerTemplate
 
-    bos = "{{ bos_token }}" if template.add_bos and tokenizer is not None and tokenizer.bos_token else ""
     if isinstance(template, TokenizerTemplate):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
         return tokenizer.chat_template
     if isinstance(template, Template):
         t = template
-        return (
-            _content_macro(image_token, "\n") + bos +
+        return _content_macro(image_token, "\n") + _with_bos(
             "{%- if messages and messages[0]['role'] == 'system' -%}"
             "{%- set system = render(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
             "{%- else -%}{%- set system = " + _lit(t.system) + " -%}{%- set loop_messages = messages -%}{%- endif -%}"
@@ -233,19 +248,17 @@ def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) ->
             "{%- elif m['role'] == 'assistant' -%}"
             "{{ " + _lit(t.answer_prefix) + " + render(m['content']) + " + _lit(t.end) + " }}"
             "{%- else -%}{{ raise_exception('a ' + m['role'] + ' turn in the middle of the conversation') }}"
-            "{%- endif -%}{%- endfor -%}"
-        )
+            "{%- endif -%}{%- endfor -%}", t, tokenizer, image_token)
     if isinstance(template, PlainTemplate):
         # image placeholders of the first user turn, then the first answer and a newline
-        return (
-            _content_macro(image_token, "") + bos +
+        return _content_macro(image_token, "") + _with_bos(
             "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
             "{%- set answers = messages | selectattr('role', 'equalto', 'assistant') | list -%}"
             "{%- if users -%}{%- set c = users[0]['content'] -%}"
             "{%- if c is string -%}{{ " + _lit(image_token) + " * (c.split(" + _lit(image_token) + ") | length - 1) }}"
             "{%- else -%}{{ render(c | selectattr('type', 'equalto', 'image') | list) }}{%- endif -%}{%- endif -%}"
-            "{%- if answers -%}{{ render(answers[0]['content']) + '\\n' }}{%- endif -%}"
-        )
+            "{%- if answers -%}{{ render(answers[0]['content']) + '\\n' }}{%- endif -%}", template, tokenizer,
+            image_token)
     raise ValueError(f"template {getattr(template, 'name', template)!r} has no Jinja equivalent")
 
 
