@@ -78,6 +78,10 @@ def train(model, steps=120, lr=3e-3):
 
 
 def build(case, encoder_dirs, llm_dir, llm_dir_frames):
+    return build_for_export(config(case, encoder_dirs, llm_dir, llm_dir_frames))
+
+
+def config(case, encoder_dirs, llm_dir, llm_dir_frames):
     if case == "internvl":
         cfg = model_config(encoder_dirs["internvit"], llm_dir_frames, "internvit", feature_layer=-1)
         cfg.connector, cfg.tiling = ConnectorConfig("pixel_shuffle"), TilingConfig("internvl", max_tiles=2)
@@ -86,7 +90,7 @@ def build(case, encoder_dirs, llm_dir, llm_dir_frames):
         cfg = model_config(encoder_dirs["clip"], llm_dir)
         if case == "llava_next":
             cfg.tiling = TilingConfig(mode="anyres", grid_pinpoints="(1x1),...,(2x2)")
-    return build_for_export(cfg)
+    return cfg
 
 
 def load_processor(out):
@@ -325,3 +329,31 @@ def test_import_reads_generation_config(served, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vlmkit.export"):
         import_model(hf)
     assert "vlmkit's generate stops at the tokenizer's" in caplog.text
+
+
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat's this — «ça»? 日本!!"}, {"from": "gpt", "value": "Ça coûte 5€ 🙂"},
+                {"from": "human", "value": "How many shapes are there?!"}, {"from": "gpt", "value": 'two, "red"; shapes'}]
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "tokenizer"])
+@pytest.mark.parametrize("tok", ["llama", "qwen"])
+@pytest.mark.parametrize("case", ["llava_next", "internvl"])
+def test_multi_turn_ids_through_the_exported_processor(case, tok, template, encoder_dirs, llm_dir, llm_dir_frames,
+                                                       tmp_path):
+    """LlavaNext's and InternVL's processors give vlmkit's training ids for whole multi-turn conversations and its
+    prompts (InternVL's `<img>` / `</img>` frame aside), with a Llama-style and a Qwen2-style tokenizer."""
+    from conftest import make_llama_tokenizer, make_qwen2_tokenizer
+    from vlmkit.data.conversation import normalize
+
+    cfg = config(case, encoder_dirs, llm_dir, llm_dir_frames)
+    cfg.llm.tokenizer = (make_llama_tokenizer if tok == "llama" else make_qwen2_tokenizer)(tmp_path / tok)
+    cfg.template = template
+    model = build_for_export(cfg)
+    hf = load_processor(export_model(model, tmp_path / "out"))
+    frames = [hf.tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "</img>")] if case == "internvl" else []
+    im = picture("green")
+    for conv, gen in ((CONVERSATION, False), (CONVERSATION[:3], True)):
+        want = model.processor()(conv, [im], add_generation_prompt=gen)["input_ids"].tolist()
+        text = hf.apply_chat_template(normalize(conv), add_generation_prompt=gen)
+        got = hf(text=text, images=[im], add_special_tokens=False)["input_ids"][0]
+        assert [t for t in got if t not in frames] == want, (text, tok)
