@@ -330,7 +330,11 @@ def test_vicuna_v1_llama_unicode_exact(llama):
 
 def llava_v1_reference(tok, conv, n_img):
     """LLaVA's preprocess_v1 ids: conversation_lib's vicuna_v1 prompt (sep " ", sep2 "</s>") tokenized as one
-    string by `tokenizer(prompt)` (BOS from the tokenizer), each <image> token expanded to n_img placeholders."""
+    string by `tokenizer(prompt)` (BOS from the tokenizer), each <image> token expanded to n_img placeholders.
+
+    (LLaVA's own `tokenizer_image_token` tokenizes the text between images as separate strings, which gives the
+    text right after an image a prefix space; here, as in the exported processor, `<image>` is a token of the one
+    string, so `\nWhat` after it is `<0x0A> What`.)"""
     roles = {"human": "USER", "gpt": "ASSISTANT"}
     prompt = VICUNA_SYSTEM + " "
     for i, turn in enumerate(conv):

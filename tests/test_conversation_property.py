@@ -82,7 +82,8 @@ def llama(tmp_path_factory):
 def test_llama_vicuna_ids_and_labels_are_llava_preprocess_v1s(llama, sample):
     """Ids: LLaVA's vicuna_v1 prompt tokenized as one string by `tokenizer(prompt)`; labels: exactly the tokens
     between the tokenizations of the prompt up to `ASSISTANT:` and up to the answer's `</s>` (the reference counts
-    tokens of growing prefixes; vlmkit builds its labels from offsets)."""
+    tokens of growing prefixes; vlmkit builds its labels from offsets). `<image>` is a token of the one string, as
+    in the exported processor (see test_conversation.llava_v1_reference)."""
     from conftest import VICUNA_SYSTEM
 
     turns, counts = sample

@@ -349,7 +349,9 @@ def test_multi_turn_ids_through_the_exported_processor(case, tok, template, enco
     cfg.llm.tokenizer = (make_llama_tokenizer if tok == "llama" else make_qwen2_tokenizer)(tmp_path / tok)
     cfg.template = template
     model = build_for_export(cfg)
-    hf = load_processor(export_model(model, tmp_path / "out"))
+    out = export_model(model, tmp_path / "out")
+    assert import_model(out).config.template == template  # the exported template is recognised as vlmkit's
+    hf = load_processor(out)
     frames = [hf.tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "</img>")] if case == "internvl" else []
     im = picture("green")
     for conv, gen in ((CONVERSATION, False), (CONVERSATION[:3], True)):

@@ -210,18 +210,17 @@ def _content_macro(image_token: str, image_sep: str) -> str:
 def _with_bos(body: str, template, tokenizer, image_token: str) -> str:
     """`body` (Jinja) preceded by the BOS text `encode` puts in front (`conversation.bos_text`): the BOS token and,
     for a sentencepiece-style tokenizer, the space that gives the first word its prefix space as at the start of a
-    string (none when the rendering starts with an added token such as the image token)."""
-    from .data.conversation import added_tokens, bos_glue
+    string (none when the rendering starts with the image token)."""
+    from .data.conversation import bos_glue
 
     if not (template.add_bos and tokenizer is not None and tokenizer.bos_token):
         return body
     glue = bos_glue(tokenizer)
     if not glue:
         return "{{ bos_token }}" + body
-    specials = tuple(dict.fromkeys(added_tokens(tokenizer) + (image_token,)))
     return ("{%- set body -%}" + body + "{%- endset -%}{{ bos_token }}"
-            "{%- if body and not body.startswith((" + ", ".join(_lit(t) for t in specials) + ",)) -%}"
-            "{{ " + _lit(glue) + " }}{%- endif -%}{{ body }}")
+            "{%- if body and not body.startswith(" + _lit(image_token) + ") -%}{{ " + _lit(glue) + " }}{%- endif -%}"
+            "{{ body }}")
 
 
 def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) -> str:

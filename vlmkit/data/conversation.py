@@ -185,31 +185,25 @@ def bos_glue(tokenizer) -> str:
     return glue
 
 
-def added_tokens(tokenizer) -> tuple[str, ...]:
-    """The tokenizer's added (special) tokens as text, longest first."""
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return tuple(sorted({str(t) for t in decoder.values()}, key=len, reverse=True))
-
-
-def bos_text(tokenizer, body: str) -> str:
+def bos_text(tokenizer, body: str, image_token: str = "<image>") -> str:
     """The text in front of a conversation rendered by a template with `add_bos`: the BOS token and its glue
-    (`bos_glue`; none when the conversation starts with an added token such as `<image>`, which gets no
-    prefix space either way)."""
+    (`bos_glue`; none when the conversation starts with the image token, which gets no prefix space either way)."""
     if tokenizer.bos_token is None:
         return ""
     glue = bos_glue(tokenizer)
-    if glue and (not body or body.startswith(added_tokens(tokenizer))):
+    if glue and (not body or body.startswith(image_token)):
         glue = ""
     return tokenizer.bos_token + glue
 
 
-def render(messages: list[dict], tokenizer, template, add_generation_prompt: bool = False):
+def render(messages: list[dict], tokenizer, template, add_generation_prompt: bool = False,
+           image_token: str = "<image>"):
     """(the conversation as one string, the character spans [start, end) of its trained pieces).
 
     The string is what the exported chat template renders for the same messages."""
     pieces = [(t, trained) for t, trained in template.segments(messages, add_generation_prompt, tokenizer) if t]
     body = "".join(t for t, _ in pieces)
-    text = bos_text(tokenizer, body) if template.add_bos else ""
+    text = bos_text(tokenizer, body, image_token) if template.add_bos else ""
     spans = []
     for piece, trained in pieces:
         if trained:
@@ -231,7 +225,7 @@ def encode(messages: list[dict], tokenizer, template, image_token: str, image_to
         # checked first: templates drop a trailing prompt, which would otherwise surface as an
         # image-count mismatch for its <image>
         raise SampleError("no assistant turn to train on", "no_assistant_turn")
-    text, spans = render(messages, tokenizer, template, add_generation_prompt)
+    text, spans = render(messages, tokenizer, template, add_generation_prompt, image_token)
     images = [m.start() for m in re.finditer(re.escape(image_token), text)]
     if any(s <= i < e for i in images for s, e in spans):
         raise SampleError("an <image> in an assistant turn", "image_in_assistant_turn")
