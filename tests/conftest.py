@@ -89,7 +89,8 @@ def chain_merges(vocab: dict[str, int], words: list[str]) -> list[tuple[str, str
 
 
 # Llama-2's chat template (BOS before each user turn; the answer framed by spaces, then EOS)
-LLAMA2_CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+LLAMA2_CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+               "{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
                "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
 LLAMA_WORDS = [  # with the prefix space (sentencepiece's "▁"); `USER` and `What` without it, and no `▁USER`
     *dict.fromkeys("\u2581" + w for w in re.findall(r"[a-zA-Z]+", VICUNA_SYSTEM) if w != "s"), "\u2581ASSISTANT",

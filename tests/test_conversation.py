@@ -270,10 +270,10 @@ def trained_runs(tok, ids, labels):
 
 
 # VICUNA_SYSTEM with the Llama tokenizer: every word is a "▁word" token, punctuation single characters
-LLAMA_SYSTEM = [SP + w for w in "A chat between a curious user and an artificial intelligence assistant".split()] + \
-    ["."] + [SP + w for w in "The assistant gives helpful".split()] + [",", SP + "detailed", ",", SP + "and", SP + "polite",
-                                                                        SP + "answers", SP + "to", SP + "the", SP + "user",
-                                                                        "'", "s", SP + "questions", "."]
+LLAMA_SYSTEM = [SP + w if w.isalpha() else w for w in
+                ("A chat between a curious user and an artificial intelligence assistant . The assistant gives "
+                 "helpful , detailed , and polite answers to the user ' s questions .").split()]
+LLAMA_SYSTEM[LLAMA_SYSTEM.index("\u2581s")] = "s"  # user's: `▁user` `'` `s`
 
 
 def test_llama_tokenizer_is_what_it_claims(llama):
@@ -319,9 +319,11 @@ def test_vicuna_v1_llama_unicode_exact(llama):
     a1 = ([SP] + utf8("Ç") + ["a", SP + "co"] + utf8("û") + ["t", "e", SP, "5"] + utf8("€") + [".", ".", ".", SP, "(",
                                                                                              "o", "k", ")", SP]
           + utf8("🙂") + ["</s>"])
-    q2 = ["USER", ":", SP + "How", SP + "many", SP + "shapes", SP + "are", SP + "there", "?", "!", SP + "ASSISTANT", ":"]
+    q2 = ["USER", ":", SP + "How", SP + "many", SP + "shapes", SP + "are", SP + "there", "?", "!", SP + "ASSISTANT",
+          ":"]
     a2 = [SP + "two", ",", SP, '"', "r", "e", "d", '"', ";", SP + "shapes", "</s>"]
-    assert tokens(llama, ids, img) == ["<s>"] + LLAMA_SYSTEM + [SP, "USER", ":", SP, "<IMG>", "<IMG>"] + q1 + a1 + q2 + a2
+    head = ["<s>"] + LLAMA_SYSTEM + [SP, "USER", ":", SP, "<IMG>", "<IMG>"]
+    assert tokens(llama, ids, img) == head + q1 + a1 + q2 + a2
     assert trained_runs(llama, ids, labels) == [a1, a2]
     # the bytes fuse back into the text when decoded
     assert llama.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == \

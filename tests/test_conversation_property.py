@@ -65,8 +65,8 @@ def rich_conversations(draw):
         for _ in range(draw(st.integers(0, 2))):
             text.insert(draw(st.integers(0, len(text))), IMG + draw(st.sampled_from(["", "\n"])))
             counts.append(draw(st.integers(1, 3)))
-        turns += [{"from": "human", "value": " ".join(text)},
-                  {"from": "gpt", "value": draw(st.sampled_from(["", " "])).join(draw(st.lists(rich_word, max_size=5)))}]
+        answer = draw(st.sampled_from(["", " "])).join(draw(st.lists(rich_word, max_size=5)))
+        turns += [{"from": "human", "value": " ".join(text)}, {"from": "gpt", "value": answer}]
     return turns, counts
 
 

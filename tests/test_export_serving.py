@@ -331,8 +331,10 @@ def test_import_reads_generation_config(served, tmp_path, caplog):
     assert "vlmkit's generate stops at the tokenizer's" in caplog.text
 
 
-CONVERSATION = [{"from": "human", "value": "<image>\nWhat's this — «ça»? 日本!!"}, {"from": "gpt", "value": "Ça coûte 5€ 🙂"},
-                {"from": "human", "value": "How many shapes are there?!"}, {"from": "gpt", "value": 'two, "red"; shapes'}]
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat's this — «ça»? 日本!!"},
+                {"from": "gpt", "value": "Ça coûte 5€ 🙂"},
+                {"from": "human", "value": "How many shapes are there?!"},
+                {"from": "gpt", "value": 'two, "red"; shapes'}]
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "tokenizer"])
