@@ -76,6 +76,94 @@ def make_bpe_tokenizer(out_dir, texts=CORPUS, chat_template: str | None = CHATML
     return str(out_dir)
 
 
+def chain_merges(vocab: dict[str, int], words: list[str]) -> list[tuple[str, str]]:
+    """Each word (and its prefixes) added to `vocab`, with the BPE merges that build it left to right, in word
+    order. Words are whole tokens and no merge crosses a word boundary, so expected tokens follow by hand."""
+    merges: list[tuple[str, str]] = []  # earlier words' merges rank first
+    for w in words:
+        for k in range(2, len(w) + 1):
+            if (w[:k - 1], w[k - 1]) not in merges:
+                merges.append((w[:k - 1], w[k - 1]))
+            vocab.setdefault(w[:k], len(vocab))
+    return merges
+
+
+# Llama-2's chat template (BOS before each user turn; the answer framed by spaces, then EOS)
+LLAMA2_CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+               "{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}"
+               "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+LLAMA_WORDS = [  # with the prefix space (sentencepiece's "▁"); `USER` and `What` without it, and no `▁USER`
+    *dict.fromkeys("\u2581" + w for w in re.findall(r"[a-zA-Z]+", VICUNA_SYSTEM) if w != "s"), "\u2581ASSISTANT",
+    *("\u2581" + w for w in "What color is the shape How many shapes are there red two circle".split()),
+    "USER", "What",
+]
+
+
+def make_llama_tokenizer(out_dir, chat_template: str | None = LLAMA2_CHAT):
+    """A Llama / Vicuna-style tokenizer, built offline: transformers' LlamaTokenizer (BPE, byte fallback, no
+    normalizer, Metaspace pre-tokenizer with prepend_scheme "first", split=False: legacy=False) over a hand-made
+    vocabulary: <unk> <s> </s> (0, 1, 2), the 256 byte tokens <0x00>..<0xFF>, "\u2581" and printable ASCII, then
+    LLAMA_WORDS. `USER` is one token, `\u2581USER` is not: a separately tokenized `USER:` becomes `\u2581 USER :`,
+    `</s>USER:` becomes `</s> USER :`."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in "\u2581" + "".join(chr(i) for i in range(33, 127)):
+        vocab.setdefault(c, len(vocab))
+    merges = chain_merges(vocab, LLAMA_WORDS)
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_prefix_space=True, add_bos_token=True)
+    if chat_template:
+        tok.chat_template = chat_template
+    tok.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+def byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE's alphabet): printable Latin-1 bytes map to
+    themselves, the others to chr(256 + n) in byte order (space -> "Ġ", newline -> "Ċ")."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+def byte_level(text: str) -> str:
+    """`text` as byte-level BPE characters (its UTF-8 bytes through `byte_chars`)."""
+    t = byte_chars()
+    return "".join(t[b] for b in text.encode("utf-8"))
+
+
+# Qwen2's ChatML template: a default system turn, each turn framed by <|im_start|> ... <|im_end|>\n
+QWEN2_CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+                "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+                "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+QWEN_WORDS = [*(byte_level(" " + w) for w in "are a helpful assistant color is the shape many shapes there".split()),
+              "system", "user", "assistant", "You", "What", "How", "red", "two"]  # "Ġword" merges rank first
+
+
+def make_qwen2_tokenizer(out_dir, chat_template: str | None = QWEN2_CHATML):
+    """A Qwen2-style tokenizer, built offline: transformers' Qwen2Tokenizer (NFC, Qwen's split regex, byte-level
+    BPE) over the 256 byte characters and QWEN_WORDS; no BOS, EOS <|im_end|>, pad <|endoftext|>, ChatML."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(byte_chars().values())}
+    merges = chain_merges(vocab, QWEN_WORDS)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    if chat_template:
+        tok.chat_template = chat_template
+    tok.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
 # ---- tiny encoder configs (one per family / variant) --------------------------------------------
 _VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
 ENCODER_CASES = {

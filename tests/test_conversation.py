@@ -212,3 +212,265 @@ def test_vicuna_system_turn_and_chat_format(tokenizer):
     assert labels == [IGNORE] * (1 + len(prompt)) + answer
     llava = [{"from": "human", "value": "<image>\nyes"}, {"from": "gpt", "value": "no"}]
     assert run_encode(tok, "vicuna_v1", llava, n_tokens=(2,)) == run_encode(tok, "vicuna_v1", conv[1:], n_tokens=(2,))
+
+
+# ---- sentencepiece-style (Llama / Vicuna) and byte-level (Qwen2) tokenizers ------------------------
+# A conversation heavy in unicode and punctuation (byte fallback, NFC, Qwen's split regex at work)
+UNI = [
+    {"from": "human", "value": "<image>\nWhat's this — «ça»? 日本!!"},
+    {"from": "gpt", "value": "Ça coûte 5€... (ok) 🙂"},
+    {"from": "human", "value": "How many shapes are there?!"},
+    {"from": "gpt", "value": 'two, "red"; shapes'},
+]
+SP = "\u2581"  # sentencepiece's space
+
+
+def utf8(text):
+    """Byte-fallback tokens of `text` (its UTF-8 bytes as <0xXX>)."""
+    return [f"<0x{b:02X}>" for b in text.encode("utf-8")]
+
+
+def bl(text):
+    """Byte-level BPE characters of `text`, one per byte (no merge applies to them)."""
+    from conftest import byte_level
+
+    return list(byte_level(text))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from conftest import make_llama_tokenizer
+
+    return load_tokenizer(make_llama_tokenizer(tmp_path_factory.mktemp("llama")), IMG)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from conftest import make_qwen2_tokenizer
+
+    return load_tokenizer(make_qwen2_tokenizer(tmp_path_factory.mktemp("qwen")), IMG)
+
+
+def tokens(tok, ids, img_id=None):
+    return ["<IMG>" if t == img_id else tok.convert_ids_to_tokens(t) for t in ids]
+
+
+def trained_runs(tok, ids, labels):
+    """The trained tokens, one list per contiguous run (an answer with its end marker)."""
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab == IGNORE:
+            if cur:
+                runs.append(cur)
+            cur = []
+        else:
+            assert lab == t
+            cur.append(tok.convert_ids_to_tokens(t))
+    return runs + ([cur] if cur else [])
+
+
+# VICUNA_SYSTEM with the Llama tokenizer: every word is a "▁word" token, punctuation single characters
+LLAMA_SYSTEM = [SP + w if w.isalpha() else w for w in
+                ("A chat between a curious user and an artificial intelligence assistant . The assistant gives "
+                 "helpful , detailed , and polite answers to the user ' s questions .").split()]
+LLAMA_SYSTEM[LLAMA_SYSTEM.index("\u2581s")] = "s"  # user's: `▁user` `'` `s`
+
+
+def test_llama_tokenizer_is_what_it_claims(llama):
+    """The test tokenizer itself: legacy=False Metaspace (prefix space only at the start of the string), byte
+    fallback, `USER` a token and `▁USER` not, BOS added by the tokenizer."""
+    t = lambda s: llama.convert_ids_to_tokens(llama(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert SP + "USER" not in llama.get_vocab() and "USER" in llama.get_vocab()
+    assert t("USER:") == [SP, "USER", ":"]
+    assert t("</s>USER:") == ["</s>", "USER", ":"]
+    assert t("<s>A chat") == ["<s>", "A", SP + "chat"] and t("<s> A chat") == ["<s>", SP + "A", SP + "chat"]
+    assert t("日") == [SP] + utf8("日")
+    assert llama("A")["input_ids"] == [llama.bos_token_id] + llama("A", add_special_tokens=False)["input_ids"]
+    assert (llama.bos_token_id, llama.eos_token_id, llama.pad_token) == (1, 2, "<unk>")  # pad: <unk>, as LLaVA
+
+
+def test_bos_glue(llama, qwen, tokenizer, tmp_path):
+    from vlmkit.data.conversation import bos_glue
+
+    assert bos_glue(llama) == " "  # `<s> A` gives `<s> ▁A`, as `A` at the start of a string
+    assert bos_glue(tokenizer) == "" and bos_glue(qwen) == ""
+    assert bos_glue(load_tokenizer(make_bpe_tokenizer(tmp_path / "bpe"), IMG)) == ""
+
+
+def test_vicuna_v1_llama_multi_turn_exact(llama):
+    """`</s>USER:` is `</s> USER :` in turn 2 (not `</s> ▁ USER :`); BOS then `▁A` as LLaVA's tokenizer(prompt)."""
+    img = llama.convert_tokens_to_ids(IMG)
+    ids, labels = run_encode(llama, "vicuna_v1", n_tokens=(3,))
+    a1, a2 = [SP + "red", "</s>"], [SP + "two", SP + "shapes", "</s>"]
+    want = (["<s>"] + LLAMA_SYSTEM + [SP, "USER", ":", SP] + ["<IMG>"] * 3 +
+            ["<0x0A>", "What", SP + "color", SP + "is", SP + "the", SP + "shape", "?", SP + "ASSISTANT", ":"] + a1 +
+            ["USER", ":", SP + "How", SP + "many", SP + "shapes", SP + "are", SP + "there", "?", SP + "ASSISTANT", ":"]
+            + a2)
+    assert tokens(llama, ids, img) == want
+    assert trained_runs(llama, ids, labels) == [a1, a2]
+    assert labels[:len(want) - len(a1) - len(a2) - 10] == [IGNORE] * (len(want) - len(a1) - len(a2) - 10)
+
+
+def test_vicuna_v1_llama_unicode_exact(llama):
+    img = llama.convert_tokens_to_ids(IMG)
+    ids, labels = run_encode(llama, "vicuna_v1", UNI, n_tokens=(2,))
+    q1 = (["<0x0A>", "What", "'", "s", SP + "th", "i", "s", SP] + utf8("—") + [SP] + utf8("«ç") + ["a"] + utf8("»") +
+          ["?", SP] + utf8("日本") + ["!", "!", SP + "ASSISTANT", ":"])
+    a1 = ([SP] + utf8("Ç") + ["a", SP + "co"] + utf8("û") + ["t", "e", SP, "5"] + utf8("€") + [".", ".", ".", SP, "(",
+                                                                                             "o", "k", ")", SP]
+          + utf8("🙂") + ["</s>"])
+    q2 = ["USER", ":", SP + "How", SP + "many", SP + "shapes", SP + "are", SP + "there", "?", "!", SP + "ASSISTANT",
+          ":"]
+    a2 = [SP + "two", ",", SP, '"', "r", "e", "d", '"', ";", SP + "shapes", "</s>"]
+    head = ["<s>"] + LLAMA_SYSTEM + [SP, "USER", ":", SP, "<IMG>", "<IMG>"]
+    assert tokens(llama, ids, img) == head + q1 + a1 + q2 + a2
+    assert trained_runs(llama, ids, labels) == [a1, a2]
+    # the bytes fuse back into the text when decoded
+    assert llama.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == \
+        'Ça coûte 5€... (ok) 🙂</s> two, "red"; shapes</s>'
+
+
+def llava_v1_reference(tok, conv, n_img):
+    """LLaVA's preprocess_v1 ids: conversation_lib's vicuna_v1 prompt (sep " ", sep2 "</s>") tokenized as one
+    string by `tokenizer(prompt)` (BOS from the tokenizer), each <image> token expanded to n_img placeholders.
+
+    (LLaVA's own `tokenizer_image_token` tokenizes the text between images as separate strings, which gives the
+    text right after an image a prefix space; here, as in the exported processor, `<image>` is a token of the one
+    string, so `\nWhat` after it is `<0x0A> What`.)"""
+    roles = {"human": "USER", "gpt": "ASSISTANT"}
+    prompt = VICUNA_SYSTEM + " "
+    for i, turn in enumerate(conv):
+        prompt += roles[turn["from"]] + ": " + turn["value"] + (" " if i % 2 == 0 else "</s>")
+    img = tok.convert_tokens_to_ids(IMG)
+    out = []
+    for t in tok(prompt)["input_ids"]:
+        out += [img] * n_img if t == img else [t]
+    return out
+
+
+@pytest.mark.parametrize("conv", [CONV, UNI], ids=["ascii", "unicode"])
+def test_vicuna_v1_equals_llava_preprocess_v1(llama, conv):
+    ids, _ = run_encode(llama, "vicuna_v1", conv, n_tokens=(4,))
+    assert ids == llava_v1_reference(llama, conv, 4)
+
+
+def test_plain_llama_exact(llama):
+    """The caption follows the image token in one string: `a` without the prefix space (what the exported template
+    gives at inference), the newline a byte token; no glue space between BOS and the image."""
+    img = llama.convert_tokens_to_ids(IMG)
+    conv = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "a red circle"}]
+    ids, labels = run_encode(llama, "plain", conv, n_tokens=(2,))
+    cap = ["a", SP + "red", SP + "circle", "<0x0A>"]
+    assert tokens(llama, ids, img) == ["<s>", "<IMG>", "<IMG>"] + cap
+    assert trained_runs(llama, ids, labels) == [cap]
+
+
+def test_llama2_chat_template_exact(llama):
+    """The tokenizer's own Llama-2 chat template, tokenized as one string: `<s>[INST]` has no prefix space
+    (legacy=False); each answer is trained with its ` </s>`."""
+    img = llama.convert_tokens_to_ids(IMG)
+    ids, labels = run_encode(llama, "tokenizer", n_tokens=(2,))
+    inst, end = ["[", "I", "N", "S", "T", "]"], [SP, "[", "/", "I", "N", "S", "T", "]"]
+    a1, a2 = [SP + "red", SP, "</s>"], [SP + "two", SP + "shapes", SP, "</s>"]
+    want = (["<s>"] + inst + [SP, "<IMG>", "<IMG>", "<0x0A>", "What", SP + "color", SP + "is", SP + "the", SP + "shape",
+                              "?"] + end + a1 +
+            ["<s>"] + inst + [SP + "How", SP + "many", SP + "shapes", SP + "are", SP + "there", "?"] + end + a2)
+    assert tokens(llama, ids, img) == want
+    assert trained_runs(llama, ids, labels) == [a1, a2]
+
+
+QWEN_SYSTEM = ["<|im_start|>", "system", "Ċ", "You", "Ġare", "Ġa", "Ġhelpful", "Ġassistant", ".", "<|im_end|>", "Ċ"]
+
+
+def test_qwen2_chatml_unicode_exact(qwen):
+    """Qwen2-style byte-level BPE with its ChatML template (default system turn), tokenized as one string."""
+    img = qwen.convert_tokens_to_ids(IMG)
+    ids, labels = run_encode(qwen, "tokenizer", UNI, n_tokens=(2,))
+    user, asst, end = ["<|im_start|>", "user", "Ċ"], ["<|im_start|>", "assistant", "Ċ"], ["<|im_end|>", "Ċ"]
+    q1 = (["<IMG>", "<IMG>", "Ċ", "What", "'", "s", "Ġth", "i", "s"] + bl(" —") + bl(" «") + bl("ç") + ["a"] +
+          bl("»?") + bl(" 日本") + ["!", "!"])
+    a1 = (bl("Ç") + ["a", "Ġco"] + bl("û") + ["t", "e", "Ġ", "5"] + bl("€...") + ["Ġ", "(", "o", "k", ")"] + bl(" 🙂")
+          + end)
+    q2 = ["How", "Ġmany", "Ġshapes", "Ġare", "Ġthere", "?", "!"]
+    a2 = ["two", ",", "Ġ", '"', "red", '"', ";", "Ġshapes"] + end
+    assert tokens(qwen, ids, img) == QWEN_SYSTEM + user + q1 + end + asst + a1 + user + q2 + end + asst + a2
+    assert trained_runs(qwen, ids, labels) == [a1, a2]
+    assert qwen.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == \
+        'Ça coûte 5€... (ok) 🙂<|im_end|>\ntwo, "red"; shapes<|im_end|>\n'
+
+
+def test_qwen2_vicuna_v1_exact(qwen):
+    """vicuna_v1 with a tokenizer that has no BOS and no `</s>` token: nothing in front, `</s>` is text."""
+    img = qwen.convert_tokens_to_ids(IMG)
+    conv = [{"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"}]
+    ids, labels = run_encode(qwen, "vicuna_v1", conv, n_tokens=(1,))
+    got = tokens(qwen, ids, img)
+    assert got[:2] == ["A", "Ġc"]  # "A chat": no BOS; `Ġchat` is not a token
+    i = got.index("<IMG>")
+    ass = ["Ġ"] + list("ASSISTANT") + [":"]
+    # Qwen's regex splits `</s>USER` as `</` `s` `>USER`; ` two` has no token: `Ġt` (of `Ġthe`'s merges) `w` `o`
+    a1, a2 = ["Ġ", "red", "<", "/", "s", ">"], ["Ġt", "w", "o", "<", "/", "s", ">"]
+    assert got[i - 7:] == (["Ġ", "U", "S", "E", "R", ":", "Ġ", "<IMG>", "Ċ", "What", "Ġcolor", "Ġis", "Ġthe", "Ġshape",
+                            "?"] + ass + a1 + ["U", "S", "E", "R", ":", "Ġ", "How", "Ġmany", "?"] + ass + a2)
+    assert trained_runs(qwen, ids, labels) == [a1, a2]
+
+
+TOKENIZERS = ["wordlevel", "bpe", "llama", "qwen"]
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory, llama, qwen):
+    d = tmp_path_factory.mktemp("toks")
+    return {"wordlevel": load_tokenizer(make_wordlevel_tokenizer(d / "w"), IMG),
+            "bpe": load_tokenizer(make_bpe_tokenizer(d / "b"), IMG), "llama": llama, "qwen": qwen}
+
+
+def reference_ids(tok, text, n_img):
+    """`text` tokenized as one string (special tokens as written in it), each image token expanded."""
+    img = tok.convert_tokens_to_ids(IMG)
+    out = []
+    for t in tok(text, add_special_tokens=False)["input_ids"]:
+        out += [img] * n_img if t == img else [t]
+    return out
+
+
+@pytest.mark.parametrize("conv", [CONV, UNI], ids=["ascii", "unicode"])
+@pytest.mark.parametrize("template", ["vicuna_v1", "plain", "tokenizer"])
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_ids_are_the_rendered_conversation_and_prompts_are_prefixes(toks, name, template, conv):
+    """For every template and tokenizer: the training ids are the ids of the rendered conversation tokenized as one
+    string, and the generation prompt of each turn is exactly the training ids before that turn's answer, whose
+    first token is trained."""
+    from vlmkit.data.conversation import render
+
+    tok = toks[name]
+    ids, labels = run_encode(tok, template, conv, n_tokens=(3,))
+    text, _ = render(normalize(conv), tok, get_template(template))
+    assert ids == reference_ids(tok, text, 3)
+    if template == "tokenizer":  # the rendered string is the tokenizer's own chat template's
+        assert text == tok.apply_chat_template(normalize(conv), tokenize=False)
+    turns = [i for i, t in enumerate(conv) if t["from"] == "gpt"][:1 if template == "plain" else None]
+    for i in turns:
+        prompt, plabels = run_encode(tok, template, conv[:i], n_tokens=(3,), gen=True)
+        assert ids[:len(prompt)] == prompt, (name, template, i)
+        assert labels[len(prompt)] != IGNORE and labels[len(prompt) - 1] == IGNORE
+    # tokenizers without offsets (Python tokenizers) fall back to one piece at a time: the same ids where
+    # pieces do not interact (word-level, byte-level)
+    if name in ("wordlevel", "bpe", "qwen"):
+        assert run_encode(NoOffsets(tok), template, conv, n_tokens=(3,)) == (ids, labels)
+
+
+class NoOffsets:
+    """A tokenizer that cannot return offsets (as a Python tokenizer)."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kw):
+        if kw.get("return_offsets_mapping"):
+            raise NotImplementedError("no offsets")
+        return self._tok(text, **kw)

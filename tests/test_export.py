@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import build_for_export, make_bpe_tokenizer, model_config
+from conftest import build_for_export, make_bpe_tokenizer, make_llama_tokenizer, make_qwen2_tokenizer, model_config
 from vlmkit import VLM
 from vlmkit.data.conversation import encode, get_template, normalize
 from vlmkit.export import export_llava, import_llava
@@ -119,24 +119,38 @@ def test_processor_matches_vlmkit(case, exported):
     assert enc["input_ids"][0].tolist() == want
 
 
-@pytest.mark.parametrize("tok", ["wordlevel", "bpe"])
+UNICODE = [{"from": "human", "value": "<image>\nWhat's this — «ça»? 日本!!"}, {"from": "gpt", "value": "Ça coûte 5€ 🙂"},
+           {"from": "human", "value": "How many shapes are there?!"}, {"from": "gpt", "value": 'two, "red"; shapes'}]
+TOKENIZER_MAKERS = {"bpe": make_bpe_tokenizer, "llama": make_llama_tokenizer, "qwen": make_qwen2_tokenizer}
+
+
+@pytest.mark.parametrize("tok", ["wordlevel", "bpe", "llama", "qwen"])
 @pytest.mark.parametrize("template", ["vicuna_v1", "plain", "tokenizer"])
 def test_chat_template_matches_encode(template, tok, tmp_path, encoder_dirs, llm_dir):
-    """Whole conversations and prompts render to vlmkit's ids, for each kind of template and tokenizer."""
+    """Whole conversations and prompts render to vlmkit's ids, for each kind of template and tokenizer (word-level,
+    byte-level BPE, Llama-style sentencepiece with legacy=False, Qwen2-style with ChatML): through the processor
+    with the rendered text, and through apply_chat_template's own tokenization (the pipeline's route)."""
     from transformers import AutoProcessor
 
     cfg = model_config(encoder_dirs["clip"], llm_dir, template=template)
-    if tok == "bpe":  # byte-level BPE (GPT-2 / Llama-3 / Qwen style); the LLM's embeddings are resized to it
-        cfg.llm.tokenizer = make_bpe_tokenizer(tmp_path / "bpe")
+    if tok != "wordlevel":  # the LLM's embeddings are resized to the tokenizer
+        cfg.llm.tokenizer = TOKENIZER_MAKERS[tok](tmp_path / tok)
     model = VLM.from_config(cfg)
     proc = AutoProcessor.from_pretrained(export_llava(model, tmp_path / "out"))
     n = model.encoder.num_tokens
-    for conv, gen in ((CONVERSATION, False), (PROMPT, True), (CONVERSATION[:3], True)):
+    for conv, gen in ((CONVERSATION, False), (PROMPT, True), (CONVERSATION[:3], True), (UNICODE, False),
+                      (UNICODE[:3], True)):
         msgs = normalize(conv)
         want, _ = encode(msgs, model.tokenizer, get_template(template), "<image>", model.image_token_id, [n], gen)
         text = proc.apply_chat_template(msgs, add_generation_prompt=gen)
         got = proc(text=text, images=[image()], add_special_tokens=False)["input_ids"][0]
         assert list(got) == want, (template, gen, text)
+        if template != "tokenizer":  # the test chat_templates read string contents only
+            parts = [{"role": m["role"], "content": ([{"type": "image", "image": image()}] if "<image>" in m["content"]
+                                                     else []) + [{"type": "text", "text": m["content"].replace(
+                                                         "<image>\n", "")}]} for m in msgs]
+            got = proc.apply_chat_template(parts, add_generation_prompt=gen, tokenize=True, return_dict=True)
+            assert list(got["input_ids"][0]) == want, (template, gen, text)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -20,8 +20,10 @@ without vlmkit. Weight names (transformers 5):
 The exported processor reproduces vlmkit's preprocessing (Llava: pad to a square with the mean colour,
 bicubic resize, normalise; LlavaNext: the same AnyRes canvases, base tile first; InternVL: the same
 dynamic tiles, thumbnail last) and its chat template is a Jinja rendering of vlmkit's template that gives
-the same ids as `encode(..., add_generation_prompt=True)`. A combination no native class can hold raises
-ValueError naming the part and the reason.
+the same ids as `encode(..., add_generation_prompt=True)`. The text config and generation_config.json hold the
+bos / eos / pad ids of the tokenizer the model was trained with (where the LLM's config says otherwise, the
+tokenizer wins and the export logs the change), so transformers' `generate` stops where vlmkit's does; `import`
+reads them back. A combination no native class can hold raises ValueError naming the part and the reason.
 """
 from __future__ import annotations
 
@@ -205,24 +207,38 @@ def _content_macro(image_token: str, image_sep: str) -> str:
             "{%- endif -%}{%- endmacro -%}")
 
 
+def _with_bos(body: str, template, tokenizer, image_token: str) -> str:
+    """`body` (Jinja) preceded by the BOS text `encode` puts in front (`conversation.bos_text`): the BOS token and,
+    for a sentencepiece-style tokenizer, the space that gives the first word its prefix space as at the start of a
+    string (none when the rendering starts with the image token)."""
+    from .data.conversation import bos_glue
+
+    if not (template.add_bos and tokenizer is not None and tokenizer.bos_token):
+        return body
+    glue = bos_glue(tokenizer)
+    if not glue:
+        return "{{ bos_token }}" + body
+    return ("{%- set body -%}" + body + "{%- endset -%}{{ bos_token }}"
+            "{%- if body and not body.startswith(" + _lit(image_token) + ") -%}{{ " + _lit(glue) + " }}{%- endif -%}"
+            "{{ body }}")
+
+
 def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) -> str:
     """A Jinja chat template rendering conversations as vlmkit's `template` does.
 
     For a prompt (`add_generation_prompt=True`) and for conversations ending with an answer, the
-    text equals the concatenation of vlmkit's segments. A list content (`[{"type": "image"},
-    {"type": "text", ...}]`) becomes `<image>\\n` per image, then the texts.
+    text equals `conversation.render`'s (BOS text included), so its ids are `encode`'s. A list content
+    (`[{"type": "image"}, {"type": "text", ...}]`) becomes `<image>\\n` per image, then the texts.
     """
     from .data.conversation import PlainTemplate, Template, TokenizerTemplate
 
-    bos = "{{ bos_token }}" if template.add_bos and tokenizer is not None and tokenizer.bos_token else ""
     if isinstance(template, TokenizerTemplate):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
         return tokenizer.chat_template
     if isinstance(template, Template):
         t = template
-        return (
-            _content_macro(image_token, "\n") + bos +
+        return _content_macro(image_token, "\n") + _with_bos(
             "{%- if messages and messages[0]['role'] == 'system' -%}"
             "{%- set system = render(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
             "{%- else -%}{%- set system = " + _lit(t.system) + " -%}{%- set loop_messages = messages -%}{%- endif -%}"
@@ -233,19 +249,17 @@ def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) ->
             "{%- elif m['role'] == 'assistant' -%}"
             "{{ " + _lit(t.answer_prefix) + " + render(m['content']) + " + _lit(t.end) + " }}"
             "{%- else -%}{{ raise_exception('a ' + m['role'] + ' turn in the middle of the conversation') }}"
-            "{%- endif -%}{%- endfor -%}"
-        )
+            "{%- endif -%}{%- endfor -%}", t, tokenizer, image_token)
     if isinstance(template, PlainTemplate):
         # image placeholders of the first user turn, then the first answer and a newline
-        return (
-            _content_macro(image_token, "") + bos +
+        return _content_macro(image_token, "") + _with_bos(
             "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
             "{%- set answers = messages | selectattr('role', 'equalto', 'assistant') | list -%}"
             "{%- if users -%}{%- set c = users[0]['content'] -%}"
             "{%- if c is string -%}{{ " + _lit(image_token) + " * (c.split(" + _lit(image_token) + ") | length - 1) }}"
             "{%- else -%}{{ render(c | selectattr('type', 'equalto', 'image') | list) }}{%- endif -%}{%- endif -%}"
-            "{%- if answers -%}{{ render(answers[0]['content']) + '\\n' }}{%- endif -%}"
-        )
+            "{%- if answers -%}{{ render(answers[0]['content']) + '\\n' }}{%- endif -%}", template, tokenizer,
+            image_token)
     raise ValueError(f"template {getattr(template, 'name', template)!r} has no Jinja equivalent")
 
 
@@ -415,9 +429,32 @@ def _prepare(model_or_dir):
     return model, src
 
 
+TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def exported_token_ids(tokenizer, text_config, generation_config) -> tuple[dict[str, int], list[str]]:
+    """The bos / eos / pad ids an export writes: the tokenizer's, the ids the model was trained with and that
+    vlmkit's `generate` stops and pads with (a token the tokenizer lacks, e.g. Qwen's BOS, keeps the LLM's id).
+    Also a line for each value of the LLM's config or generation config they replace."""
+    ids = {k: getattr(tokenizer, k) for k in TOKEN_KEYS if getattr(tokenizer, k) is not None}
+    changes = []
+    for key, v in ids.items():
+        token = tokenizer.convert_ids_to_tokens(v)
+        for name, where in (("LLM config", text_config), ("LLM generation config", generation_config)):
+            old = getattr(where, key, None)
+            if old != v:
+                changes.append(f"{key} {old} -> {v} ({token}) in the {name}")
+    return ids, changes
+
+
 def build_native(cls, cfg, state: dict[str, torch.Tensor], tokenizer, generation_config):
     """An instance of transformers class `cls` holding `state` (tensors assigned, not copied); every
-    parameter must be filled and nothing left over."""
+    parameter must be filled and nothing left over. Its text config and generation config get the tokenizer's
+    bos / eos / pad ids (`exported_token_ids`): where the LLM's config disagrees, the tokenizer wins, and the
+    change is logged."""
+    ids, changes = exported_token_ids(tokenizer, cfg.text_config, generation_config)
+    for k, v in ids.items():
+        setattr(cfg.text_config, k, v)
     with init_empty_weights(include_buffers=False):
         hf = cls(cfg)
     _, unexpected = hf.load_state_dict(state, strict=False, assign=True)
@@ -427,11 +464,12 @@ def build_native(cls, cfg, state: dict[str, torch.Tensor], tokenizer, generation
         raise ValueError(f"vlmkit weights do not fit {cls.__name__}: "
                          f"missing {still_empty[:5]}, unexpected {unexpected[:5]}")
     gen = generation_config.__class__.from_dict(generation_config.to_dict())
-    for k, v in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
-                 ("pad_token_id", tokenizer.pad_token_id)):
-        if getattr(gen, k, None) is None and v is not None:
-            setattr(gen, k, v)
+    for k, v in ids.items():
+        setattr(gen, k, v)
     hf.generation_config = gen
+    if changes:
+        logger.warning("export: token ids from the tokenizer the model was trained with, written to "
+                       "generation_config.json and the text config: %s", "; ".join(changes))
     return hf
 
 
@@ -558,6 +596,16 @@ def _connector_text(model) -> str:
     return f"`{name}`: Linear({e.out_dim}->{d}) -> GELU -> Linear({d}->{d})"
 
 
+def _token_ids_text(model) -> str:
+    """The model card's line on the exported bos / eos / pad ids (and what they replaced)."""
+    tok = model.tokenizer
+    ids, changes = exported_token_ids(tok, model.llm.config, model.llm.generation_config)
+    shown = ", ".join(f"{k} {v} (`{tok.convert_ids_to_tokens(v)}`)" for k, v in ids.items())
+    line = (f"- token ids: {shown}, from the tokenizer the model was trained with, in `generation_config.json` "
+            "and the text config: `generate` stops where vlmkit's does")
+    return line + (f" (replacing the LLM's own: {'; '.join(changes)})" if changes else "")
+
+
 def model_card(model, cfg, template: str, src: Path | None, notes=()) -> str:
     """README.md of an export: the parts, features, preprocessing, template, usage and the run's metrics.
     `notes`: extra bullet lines (tiling, known differences)."""
@@ -594,6 +642,7 @@ def model_card(model, cfg, template: str, src: Path | None, notes=()) -> str:
         f"std {list(e.std)}",
         *notes,
         f"- chat template: `{template}`; image token `{model.config.llm.image_token}` (id {model.image_token_id})",
+        _token_ids_text(model),
         f"- dtype: {str(cfg.dtype).replace('torch.', '')}", "",
         "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",
@@ -691,6 +740,29 @@ def resolve_template(path: str, proc_cfg: dict, image_token: str, tokenizer) -> 
     return template
 
 
+def import_token_ids(path: str, llm, tokenizer) -> None:
+    """The checkpoint's generation settings into the imported LLM (its config, which vlmkit saves, and its
+    generation config): `generation_config.json` where there is one (an export's holds the tokenizer's ids),
+    else the text config's. A checkpoint whose EOS is not the tokenizer's gets a warning: vlmkit's `generate`
+    stops at the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        gen = None
+    if gen is not None:
+        for k in TOKEN_KEYS:
+            if getattr(gen, k, None) is not None:
+                setattr(llm.config, k, getattr(gen, k))
+        llm.generation_config = gen
+    eos = llm.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    if tokenizer.eos_token_id is not None and eos != [None] and tokenizer.eos_token_id not in eos:
+        logger.warning("%s: eos_token_id %s in the checkpoint, but the tokenizer's EOS %r is %d; vlmkit's generate "
+                       "stops at the tokenizer's", path, eos, tokenizer.eos_token, tokenizer.eos_token_id)
+
+
 def import_llava(path: str | os.PathLike, template: str | None = None, image_aspect: str | None = None,
                  dtype: torch.dtype | None = None):
     """A transformers-native Llava or LlavaNext checkpoint (folder or hub id) -> a vlmkit VLM ready to fine-tune.
@@ -783,6 +855,7 @@ def import_llava(path: str | os.PathLike, template: str | None = None, image_asp
     state = {k: v for k, v in llava.state_dict().items() if not k.startswith("model.vision_tower.")}
     state = from_llava_state(state, llm)
     model.assign_weights(state, f"{path}: weights do not fit vlmkit's VLM")
+    import_token_ids(path, llm, tokenizer)
     if dtype is not None:
         model.to(dtype)
     return model

@@ -34,7 +34,8 @@ import torch
 from accelerate import init_empty_weights
 
 from .export import (WHY_NOT_CONNECTOR, _llm_parts, _prepare, _read_json, build_native, check_llm, from_llava_state,
-                     model_card, resolve_template, template_to_jinja, text_config_of, to_llava_state, write_export)
+                     import_token_ids, model_card, resolve_template, template_to_jinja, text_config_of, to_llava_state,
+                     write_export)
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +319,7 @@ def import_internvl(path: str | os.PathLike, template: str | None = None, dtype:
                          f"{model.count_image_tokens.tokens_per_tile} tokens per {image_size}px tile")
     state = {k: v for k, v in hf.state_dict().items() if not k.startswith("model.vision_tower.")}
     model.assign_weights(from_llava_state(state, llm), f"{path}: weights do not fit vlmkit's VLM")
+    import_token_ids(path, llm, tokenizer)
     if dtype is not None:
         model.to(dtype)
     return model

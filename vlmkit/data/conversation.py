@@ -1,13 +1,20 @@
 """Conversations -> token ids and labels, built by construction.
 
-A template turns messages into segments `(text, trained)`. Each segment is tokenized on its
-own and the labels copy the ids of trained segments (assistant answers and their end marker),
--100 elsewhere. No re-tokenization, no counting afterwards: the ids fed to the model are the
-ids the labels were made from. Each `<image>` in a segment becomes exactly the number of
-placeholder ids the model will fill with features.
+A template turns messages into pieces `(text, trained)`. The pieces are joined into one string, the
+conversation as the exported chat template renders it (BOS written as text in front where the template
+has one), while the character spans of the trained pieces (assistant answers and their end marker) are
+recorded. The string is tokenized once, with offsets, and a token is trained when it starts inside a
+trained span, -100 elsewhere. So the ids are exactly those of the rendered conversation tokenized as one
+string, as LLaVA's `tokenizer(prompt)` and a served model's chat template give them (a sentencepiece-style
+tokenizer tokenizes `</s>USER:` differently from a separate `USER:`), and the labels come from the spans,
+not from re-tokenizing and counting. Each `<image>` (one token of the tokenizer) becomes exactly the
+number of placeholder ids the model will fill with features. A tokenizer without offsets (a Python
+"slow" one) falls back to tokenizing each piece on its own.
 """
 from __future__ import annotations
 
+import re
+import weakref
 from dataclasses import dataclass
 
 from ..registry import TEMPLATES
@@ -145,18 +152,134 @@ def get_template(name: str):
     return TEMPLATES.get(name)
 
 
+# ---- the conversation as one string -------------------------------------------------------------
+_GLUE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its bos_glue
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def bos_glue(tokenizer) -> str:
+    """What goes between the BOS text and a conversation that starts with text, so that the string
+    `bos_token + glue + text`, tokenized as one, gives [bos] + the ids of `text` alone (what LLaVA's
+    `tokenizer(prompt)` trains on): "" for most tokenizers; " " for a sentencepiece-style one (Metaspace with
+    prepend_scheme "first", legacy=False), which gives a word its prefix space only at the start of the string
+    (`<s>A` -> `<s> A`, but `<s> A` -> `<s> ▁A`, as `A` alone -> `▁A`). "" when neither gives it."""
+    try:
+        return _GLUE[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    glue = ""
+    bos = tokenizer.bos_token
+    if bos is not None:
+        probes = ("A chat", "USER: hi")
+        for cand in ("", " "):
+            if all(_ids(tokenizer, bos + cand + p) == [tokenizer.bos_token_id] + _ids(tokenizer, p) for p in probes):
+                glue = cand
+                break
+    try:
+        _GLUE[tokenizer] = glue
+    except TypeError:
+        pass
+    return glue
+
+
+def bos_text(tokenizer, body: str, image_token: str = "<image>") -> str:
+    """The text in front of a conversation rendered by a template with `add_bos`: the BOS token and its glue
+    (`bos_glue`; none when the conversation starts with the image token, which gets no prefix space either way)."""
+    if tokenizer.bos_token is None:
+        return ""
+    glue = bos_glue(tokenizer)
+    if glue and (not body or body.startswith(image_token)):
+        glue = ""
+    return tokenizer.bos_token + glue
+
+
+def render(messages: list[dict], tokenizer, template, add_generation_prompt: bool = False,
+           image_token: str = "<image>"):
+    """(the conversation as one string, the character spans [start, end) of its trained pieces).
+
+    The string is what the exported chat template renders for the same messages."""
+    pieces = [(t, trained) for t, trained in template.segments(messages, add_generation_prompt, tokenizer) if t]
+    body = "".join(t for t, _ in pieces)
+    text = bos_text(tokenizer, body, image_token) if template.add_bos else ""
+    spans = []
+    for piece, trained in pieces:
+        if trained:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    return text, spans
+
+
 def encode(messages: list[dict], tokenizer, template, image_token: str, image_token_id: int,
            tokens_per_image: list[int], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation; each `<image>` expands to its placeholder count.
 
-    `tokens_per_image[k]` is the number of placeholders for the k-th image (from the one
-    function that counts image tokens). Raises SampleError when the `<image>` count differs
-    from the number of images, or nothing is trained (unless generating).
+    The ids are those of `render(...)`'s string tokenized as one (placeholders aside), the labels those ids
+    where a token starts inside a trained span. `tokens_per_image[k]` is the number of placeholders for the
+    k-th image (from the one function that counts image tokens). Raises SampleError when the `<image>` count
+    differs from the number of images, or nothing is trained (unless generating).
     """
     if not add_generation_prompt and not any(m["role"] == "assistant" for m in messages):
         # checked first: templates drop a trailing prompt, which would otherwise surface as an
         # image-count mismatch for its <image>
         raise SampleError("no assistant turn to train on", "no_assistant_turn")
+    text, spans = render(messages, tokenizer, template, add_generation_prompt, image_token)
+    images = [m.start() for m in re.finditer(re.escape(image_token), text)]
+    if any(s <= i < e for i in images for s, e in spans):
+        raise SampleError("an <image> in an assistant turn", "image_in_assistant_turn")
+    if len(images) > len(tokens_per_image):
+        raise SampleError(f"more <image> placeholders than images ({len(tokens_per_image)})", "image_count_mismatch")
+    if len(images) != len(tokens_per_image):
+        raise SampleError(f"{len(images)} <image> placeholder(s) in the text but {len(tokens_per_image)} image(s)",
+                          "image_count_mismatch")
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # a Python tokenizer: no offsets
+        ids, labels = _encode_pieces(messages, tokenizer, template, image_token, image_token_id, tokens_per_image,
+                                     add_generation_prompt)
+    else:
+        ids, labels = _from_offsets(enc["input_ids"], enc["offset_mapping"], spans, images, len(image_token),
+                                    image_token, image_token_id, tokens_per_image)
+    if not add_generation_prompt and all(x == IGNORE for x in labels):
+        raise SampleError("no assistant turn to train on (the answers tokenize to nothing)", "no_trained_token")
+    return ids, labels
+
+
+def _from_offsets(token_ids, offsets, spans, images, width, image_token, image_token_id, tokens_per_image):
+    """ids and labels from one tokenization: a token is trained when it starts inside a trained span; the
+    token(s) of the k-th `<image>` become tokens_per_image[k] placeholders."""
+    ids: list[int] = []
+    labels: list[int] = []
+    k = 0  # the next image
+    j = 0  # the first trained span not yet passed
+    for tid, (a, b) in zip(token_ids, offsets):
+        if k < len(images) and b > images[k]:  # a token reaching into the k-th image placeholder
+            s, e = images[k], images[k] + width
+            if a < s or b > e:
+                raise ValueError(f"the image token {image_token!r} is not a token of its own for the tokenizer "
+                                 f"(a token spans characters {a}..{b} across it)")
+            if a == s:
+                ids.extend([image_token_id] * tokens_per_image[k])
+                labels.extend([IGNORE] * tokens_per_image[k])
+            if b == e:
+                k += 1
+            continue
+        while j < len(spans) and a >= spans[j][1]:
+            j += 1
+        trained = j < len(spans) and spans[j][0] <= a
+        ids.append(tid)
+        labels.append(tid if trained else IGNORE)
+    if k != len(images):
+        raise ValueError(f"the image token {image_token!r} is not a token of its own for the tokenizer")
+    return ids, labels
+
+
+def _encode_pieces(messages, tokenizer, template, image_token, image_token_id, tokens_per_image,
+                   add_generation_prompt):
+    """Each piece tokenized on its own (tokenizers without offsets): the same ids as the rendered string for
+    word-level and byte-level tokenizers, not always for sentencepiece-style ones."""
     ids: list[int] = []
     labels: list[int] = []
     if template.add_bos and tokenizer.bos_token_id is not None:
@@ -164,26 +287,15 @@ def encode(messages: list[dict], tokenizer, template, image_token: str, image_to
         labels.append(IGNORE)
     k = 0
     for text, trained in template.segments(messages, add_generation_prompt, tokenizer):
-        parts = text.split(image_token)
-        for j, part in enumerate(parts):
+        for j, part in enumerate(text.split(image_token)):
             if j:
-                if trained:
-                    raise SampleError("an <image> in an assistant turn", "image_in_assistant_turn")
-                if k >= len(tokens_per_image):
-                    raise SampleError(f"more <image> placeholders than images ({len(tokens_per_image)})",
-                                      "image_count_mismatch")
                 ids.extend([image_token_id] * tokens_per_image[k])
                 labels.extend([IGNORE] * tokens_per_image[k])
                 k += 1
             if part:
-                piece = tokenizer(part, add_special_tokens=False)["input_ids"]
+                piece = _ids(tokenizer, part)
                 ids.extend(piece)
                 labels.extend(piece if trained else [IGNORE] * len(piece))
-    if k != len(tokens_per_image):
-        raise SampleError(f"{k} <image> placeholder(s) in the text but {len(tokens_per_image)} image(s)",
-                          "image_count_mismatch")
-    if not add_generation_prompt and all(x == IGNORE for x in labels):
-        raise SampleError("no assistant turn to train on (the answers tokenize to nothing)", "no_trained_token")
     return ids, labels
 
 
