@@ -92,6 +92,8 @@ def main(argv=None):
     for s in stages:
         s.data.path = s.data.path or data
         s.data.image_folder = s.data.image_folder or args.image_folder
+        if demo:  # the replayed base-task samples name their images by absolute path (written just above)
+            s.data.allow_absolute_image_paths = True
     from vlmkit.evaluate import evaluate
 
     before = evaluate(model, eval_data, args.image_folder, progress=False) if eval_data and accelerator.is_main_process else None

@@ -176,6 +176,10 @@ def main(argv=None) -> int:
     k.add_argument("--max-length", type=int, help="default: the stage's, else 2048")
     k.add_argument("--max-image-pixels", type=int, help="refuse images whose header declares more pixels "
                    "(default: the stage's data.max_image_pixels, else 178,956,970; 0: no limit)")
+    k.add_argument("--max-aspect-ratio", type=float, help="refuse images more elongated than this (long side / "
+                   "short side; default: the stage's data.max_aspect_ratio, else 200; 0: no limit)")
+    k.add_argument("--allow-absolute-image-paths", action="store_true", default=None,
+                   help="accept image paths outside the image folder (absolute, '..', symlinks); default: refused")
     k.add_argument("--json", help="write the full report as JSON to this file ('-': stdout)")
     k.add_argument("--examples", type=int, default=5, help="offending samples kept per kind")
     k.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")

@@ -266,6 +266,12 @@ class DataConfig:
     max_image_pixels: int | None = 178_956_970
     """An image whose header declares more pixels is refused before decoding (a decompression bomb);
     None or 0: no vlmkit limit (PIL's own, 2 x PIL.Image.MAX_IMAGE_PIXELS, still applies)."""
+    max_aspect_ratio: float | None = 200
+    """An image more elongated than this (long side / short side) is refused from its header (a bad sample);
+    None or 0: no limit. check-data notes every image over 10:1 and says what training does with it."""
+    allow_absolute_image_paths: bool = False
+    """Image paths must lead inside `image_folder` (no absolute paths, no `..` or symlinks out of it); true:
+    any path is opened (for data that keeps its images elsewhere, and is trusted)."""
     pack: bool = False
     """Concatenate each micro-batch's samples into one row (or rows of at most `pack_max_tokens`) without padding;
     positions restart at 0 and attention stays within each sample. Same samples per step, same loss; best with
@@ -279,6 +285,13 @@ class DataConfig:
             raise ConfigError(f"data.on_bad_sample must be error or skip, got {self.on_bad_sample!r}")
         if not isinstance(self.pack, bool):
             raise ConfigError(f"data.pack must be true or false, got {self.pack!r}")
+        if not isinstance(self.allow_absolute_image_paths, bool):
+            raise ConfigError(f"data.allow_absolute_image_paths must be true or false, "
+                              f"got {self.allow_absolute_image_paths!r}")
+        for key in ("max_image_pixels", "max_aspect_ratio"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ConfigError(f"data.{key} must be a number >= 0 or null, got {v!r}")
         if not isinstance(self.pack_max_tokens, int) or self.pack_max_tokens < 0:
             raise ConfigError(f"data.pack_max_tokens must be an integer >= 0, got {self.pack_max_tokens!r}")
 

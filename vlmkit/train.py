@@ -224,7 +224,8 @@ class BatchStream:
 def make_dataset(data: DataConfig, processor) -> ConversationDataset:
     """A stage's dataset: `data.path`'s samples through `processor` (a model's, or `vlmkit.model.build_processor`)."""
     return ConversationDataset(data.path, processor, data.image_folder, data.template, data.max_length,
-                               data.on_bad_sample, data.max_image_pixels)
+                               data.on_bad_sample, data.max_image_pixels, data.max_aspect_ratio,
+                               data.allow_absolute_image_paths)
 
 
 def make_loader(dataset, data: DataConfig, batch_size: int, pad_id: int) -> DataLoader:
