@@ -193,6 +193,15 @@ def truncate_log(path: Path, stage_names: list[str], stage_index: int, step: int
     tmp.replace(path)
 
 
+def merge_skipped(parts: list[list[dict]]) -> list[dict]:
+    """The skipped samples of every process (`gather_object` of each one's list), once per sample, in index order."""
+    by_index = {}
+    for part in parts:
+        for s in part:
+            by_index.setdefault(s["index"], s)
+    return [by_index[i] for i in sorted(by_index)]
+
+
 # ---- where a run continues --------------------------------------------------------------------------
 @dataclass
 class ResumePoint:

@@ -245,7 +245,8 @@ def draw_window(stream: BatchStream, accum: int, skipped: list, stage: str, pati
     window, empty = [], 0
     while len(window) < accum:
         b = next(stream)
-        skipped += b.get("skipped", [])
+        if stream.epoch == 0:  # each sample once: a later epoch meets the same bad samples again
+            skipped += b.get("skipped", [])
         if "input_ids" in b:
             window.append(b)
             empty = 0
@@ -383,11 +384,11 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
                 with open(samples_path, "a") as f:
                     f.write(json.dumps({"stage": stage.name, "step": step, "ids": all_ids}) + "\n")
         if save_steps and step % save_steps == 0 and step < total:
-            per_rank = gather_object([{"position": list(stream.position), "rng": ckpt.rng_state()}])
+            per_rank = gather_object([{"position": list(stream.position), "rng": ckpt.rng_state(), "skipped": skipped}])
             epoch, offset = per_rank[0]["position"]
             st = {"format": ckpt.FORMAT, **shape, "step": step, "epoch": epoch, "offset": offset,
                   "positions": [r["position"] for r in per_rank], "done": False,
-                  "scheduler": sched.state_dict(), "skipped": skipped,
+                  "scheduler": sched.state_dict(), "skipped": ckpt.merge_skipped([r["skipped"] for r in per_rank]),
                   "seen": seen, "tokens": tokens, "seconds": time.perf_counter() - t0}
             last_good = save_checkpoint(accelerator, model, log_dir / "checkpoints" / stage.name / f"checkpoint-{step}",
                                         keep=keep, optimizer=opt, state=st, rng=[r["rng"] for r in per_rank])
@@ -396,7 +397,7 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     accelerator.wait_for_everyone()
     metrics = {"stage": stage.name, "steps": total, "samples": seen, "seconds": round(dt, 2),
                "train_samples_per_second": seen / dt, "train_tokens_per_second": tokens / dt,
-               "final_loss": last.get("loss"), "skipped": skipped}
+               "final_loss": last.get("loss"), "skipped": ckpt.merge_skipped(gather_object([skipped]))}
     if on_finish is not None:
         on_finish(model, metrics)
     accelerator.free_memory()
