@@ -118,4 +118,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from vlmkit.errors import run_recipe
+
+    run_recipe(main, "recipes/lora_finetune.py")  # one line per error (--debug: traceback)

@@ -7,6 +7,8 @@
     vlmkit import HF_DIR_OR_HUB_ID OUT_DIR   a Llava / LlavaNext / InternVL checkpoint -> a vlmkit model folder
     vlmkit check-data --config RUN.yaml      scan every stage's data for bad samples (exit 1 if any)
     vlmkit check-data data.json --model MODEL_DIR --json report.json
+
+An error prints one line and exits with status 1 (--debug, or VLMKIT_DEBUG=1, shows the traceback).
 """
 from __future__ import annotations
 
@@ -118,10 +120,14 @@ def cmd_check_data(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .errors import guard
+
     ap = argparse.ArgumentParser(prog="vlmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (or VLMKIT_DEBUG=1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="run every stage of a config")
+    t = sub.add_parser("train", help="run every stage of a config", parents=[common])
     t.add_argument("config")
     t.add_argument("--output-dir")
     t.add_argument("--cpu", action="store_true")
@@ -130,7 +136,8 @@ def main(argv=None) -> int:
     add_resume_args(t)
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="accuracy on a LLaVA-format file or HF dataset with reference answers")
+    e = sub.add_parser("eval", help="accuracy on a LLaVA-format file or HF dataset with reference answers",
+                       parents=[common])
     e.add_argument("model")
     e.add_argument("--data", required=True)
     e.add_argument("--image-folder", default="")
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
     e.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     e.set_defaults(fn=cmd_eval)
 
-    c = sub.add_parser("chat", help="talk to a model about an image")
+    c = sub.add_parser("chat", help="talk to a model about an image", parents=[common])
     c.add_argument("model")
     c.add_argument("--image")
     c.add_argument("--prompt", help="one-shot: answer this and exit")
@@ -152,20 +159,22 @@ def main(argv=None) -> int:
     c.set_defaults(fn=cmd_chat)
 
     x = sub.add_parser("export", help="export to transformers-native Llava / LlavaNext / InternVL "
-                                      "(AutoModelForImageTextToText)")
+                                      "(AutoModelForImageTextToText)", parents=[common])
     x.add_argument("model", help="a model folder, or a run folder (its model/ is used)")
     x.add_argument("out_dir")
     x.add_argument("--template", help="chat template to write (default: the model's)")
     x.set_defaults(fn=cmd_export)
 
-    m = sub.add_parser("import", help="a transformers-native Llava / LlavaNext / InternVL checkpoint -> vlmkit folder")
+    m = sub.add_parser("import", help="a transformers-native Llava / LlavaNext / InternVL checkpoint -> vlmkit folder",
+                       parents=[common])
     m.add_argument("source", help="a local folder or a hub id")
     m.add_argument("out_dir")
     m.add_argument("--template", help="vlmkit chat template (default: inferred from the checkpoint's)")
     m.add_argument("--image-aspect", choices=("pad", "resize"), help="Llava only (default: from its image processor)")
     m.set_defaults(fn=cmd_import)
 
-    k = sub.add_parser("check-data", help="scan datasets for bad samples before training (exit 1 if any)")
+    k = sub.add_parser("check-data", help="scan datasets for bad samples before training (exit 1 if any)",
+                       parents=[common])
     k.add_argument("data", nargs="*", help="LLaVA-format JSON/JSONL files or HF datasets "
                                            "(with --config and none given: every stage's data)")
     src = k.add_mutually_exclusive_group(required=True)
@@ -188,7 +197,8 @@ def main(argv=None) -> int:
     k.set_defaults(fn=cmd_check_data)
 
     args = ap.parse_args(argv)
-    return args.fn(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return guard(args.fn, f"vlmkit {args.cmd}", argv + (["--debug"] if args.debug else []), args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
@@ -26,6 +26,7 @@ from .data.conversation import IGNORE
 from .data.images import ImageTransform
 from .data.processor import Processor
 from .encoders import VisionEncoder, build_encoder, encoder_geometry
+from .errors import load_file
 from .highres import TileSpec
 from .llm import add_image_token, build_llm, load_tokenizer, prepare_quantized
 from .registry import CONNECTORS
