@@ -68,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--config", default=None, help="stage plan YAML (`stages:` and `train:`)")
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="let the base model folder's own Python code run (only for a folder you trust)")
     add_resume_args(ap)
     args = ap.parse_args(argv)
 
@@ -80,7 +82,7 @@ def main(argv=None):
     if not (base_dir / "config.json").exists():
         sys.exit(f"no vlmkit model at {base_dir}" + ("; run `accelerate launch recipes/llava15.py` first" if demo else ""))
     accelerator = make_accelerator(train, cpu=args.cpu)
-    model = VLM.from_pretrained(base_dir)
+    model = VLM.from_pretrained(base_dir, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     data, eval_data = args.data, args.eval_data
     if demo:

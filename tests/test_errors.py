@@ -55,6 +55,14 @@ def test_user_errors_are_one_line_without_a_traceback(vlm, encoder_dirs, llm_dir
     vlm.save_pretrained(cut)
     w = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(w[: len(w) // 2])
+    typo = tmp_path / "typo"
+    vlm.save_pretrained(typo)
+    c = json.loads((typo / "config.json").read_text())
+    c["model"]["llm"]["image_token"] = 5
+    (typo / "config.json").write_text(json.dumps(c))
+    broken = tmp_path / "broken"
+    vlm.save_pretrained(broken)
+    (broken / "config.json").write_text((broken / "config.json").read_text()[:200])
     cases = [
         (["train", str(tmp_path / "absent.yaml")], ["absent.yaml"]),
         (["train", bad_lr], ["lr.yaml", "stages[0].lr must be a number", "'fast'"]),
@@ -63,6 +71,8 @@ def test_user_errors_are_one_line_without_a_traceback(vlm, encoder_dirs, llm_dir
         (["train", str(tmp_path / "syntax.yaml")], ["syntax.yaml", "line"]),
         (["chat", str(tmp_path / "nowhere"), "--prompt", "hi"], ["nowhere", "not a vlmkit model folder"]),
         (["chat", str(cut), "--prompt", "hi"], [str(cut / "model.safetensors"), "truncated"]),
+        (["chat", str(typo), "--prompt", "hi"], [str(typo / "config.json"), "model.llm.image_token must be a string"]),
+        (["eval", str(broken), "--data", caps, "--cpu"], [str(broken / "config.json"), "invalid JSON at line"]),
         (["eval", str(model), "--data", str(tmp_path / "none.json"), "--cpu"], ["none.json", "not found"]),
         (["check-data", caps, "--model", str(tmp_path / "nowhere")], ["nowhere"]),
         (["export", str(tmp_path / "nowhere"), str(tmp_path / "out")], ["nowhere"]),

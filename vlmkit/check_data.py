@@ -298,8 +298,10 @@ def targets_from_config(config_path: str, data: list[str] | None = None, **overr
             for s in cfg.stages]
 
 
-def targets_from_model(model_dir: str, data: list[str], **overrides) -> list[Target]:
-    """The given data files against a saved model folder (or a run folder holding model/)."""
+def targets_from_model(model_dir: str, data: list[str], trust_remote_code: bool = False,
+                       **overrides) -> list[Target]:
+    """The given data files against a saved model folder (or a run folder holding model/). The folder's code
+    (if it ships any) runs only with `trust_remote_code` (the user's `--trust-remote-code`)."""
     from pathlib import Path
 
     from .model import CONFIG_NAME, load_processor
@@ -307,7 +309,7 @@ def targets_from_model(model_dir: str, data: list[str], **overrides) -> list[Tar
     d = Path(model_dir)
     if not (d / CONFIG_NAME).exists() and (d / "model" / CONFIG_NAME).exists():
         d = d / "model"
-    processor = load_processor(d)
+    processor = load_processor(d, trust_remote_code=trust_remote_code)
     over = {k: v for k, v in overrides.items() if v is not None}
     return [Target(p, processor, **over) for p in data]
 
@@ -364,7 +366,7 @@ def run_cli(args) -> int:
     if args.config:
         targets = targets_from_config(args.config, args.data, **over)
     else:
-        targets = targets_from_model(args.model, args.data, **over)
+        targets = targets_from_model(args.model, args.data, trust_remote_code=args.trust_remote_code, **over)
     report = check(targets, workers=args.workers, examples=args.examples, progress=not args.no_progress,
                    limit=args.limit)
     print(format_summary(report, args.examples))

@@ -9,6 +9,7 @@
     vlmkit check-data data.json --model MODEL_DIR --json report.json
 
 An error prints one line and exits with status 1 (--debug, or VLMKIT_DEBUG=1, shows the traceback).
+A model folder's own Python code never runs unless --trust-remote-code is given for that command.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def cmd_eval(args) -> int:
     from .model import VLM, resolve_model_dir
 
     acc = Accelerator(cpu=args.cpu)
-    model = VLM.from_pretrained(resolve_model_dir(args.model)).to(acc.device)
+    model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).to(acc.device)
     settings = {"images": False, "blank images": True} if args.blank_images else {"images": False}
     results = {name: evaluate(model, args.data, args.image_folder, blank_images=blank, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, accelerator=acc)
@@ -59,7 +60,7 @@ def cmd_chat(args) -> int:
     from .data.images import load_image
     from .model import VLM, resolve_model_dir
 
-    model = VLM.from_pretrained(resolve_model_dir(args.model)).eval()
+    model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).eval()
     proc = model.processor()
     images = [load_image(args.image)] if args.image else []
     gen = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens}
@@ -95,8 +96,14 @@ def cmd_export(args) -> int:
     from .export import EXPORT_TYPES, export_model
     from .model import resolve_model_dir
 
+    from .security import RemoteCodeRefused
+
     src = resolve_model_dir(args.model)
-    out = export_model(src, args.out_dir, template=args.template)
+    try:
+        out = export_model(src, args.out_dir, template=args.template)
+    except RemoteCodeRefused as e:
+        raise RemoteCodeRefused(f"{e}. But an export writes a transformers-native class, which runs no model code: "
+                                f"a model that needs its own code cannot be exported") from None
     model_type = json.loads((Path(out) / "config.json").read_text())["model_type"]
     print(f"exported {src} -> {out} ({EXPORT_TYPES[model_type]}; load with AutoModelForImageTextToText "
           f"and AutoProcessor)")
@@ -121,10 +128,15 @@ def cmd_check_data(args) -> int:
 
 def main(argv=None) -> int:
     from .errors import guard
+    from .security import no_prompt_for_remote_code
 
     ap = argparse.ArgumentParser(prog="vlmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error (or VLMKIT_DEBUG=1)")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-remote-code", action="store_true",
+                       help="let the model folder's own Python code run, for this command (only for a folder "
+                            "whose author you trust; a folder's config.json cannot switch this on)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="run every stage of a config", parents=[common])
@@ -137,7 +149,7 @@ def main(argv=None) -> int:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="accuracy on a LLaVA-format file or HF dataset with reference answers",
-                       parents=[common])
+                       parents=[common, trust])
     e.add_argument("model")
     e.add_argument("--data", required=True)
     e.add_argument("--image-folder", default="")
@@ -149,7 +161,7 @@ def main(argv=None) -> int:
     e.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     e.set_defaults(fn=cmd_eval)
 
-    c = sub.add_parser("chat", help="talk to a model about an image", parents=[common])
+    c = sub.add_parser("chat", help="talk to a model about an image", parents=[common, trust])
     c.add_argument("model")
     c.add_argument("--image")
     c.add_argument("--prompt", help="one-shot: answer this and exit")
@@ -189,6 +201,8 @@ def main(argv=None) -> int:
                    "short side; default: the stage's data.max_aspect_ratio, else 200; 0: no limit)")
     k.add_argument("--allow-absolute-image-paths", action="store_true", default=None,
                    help="accept image paths outside the image folder (absolute, '..', symlinks); default: refused")
+    k.add_argument("--trust-remote-code", action="store_true",
+                   help="with --model: let the folder's own Python code run (only for a folder you trust)")
     k.add_argument("--json", help="write the full report as JSON to this file ('-': stdout)")
     k.add_argument("--examples", type=int, default=5, help="offending samples kept per kind")
     k.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
@@ -198,6 +212,7 @@ def main(argv=None) -> int:
 
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
+    no_prompt_for_remote_code()
     return guard(args.fn, f"vlmkit {args.cmd}", argv + (["--debug"] if args.debug else []), args)
 
 

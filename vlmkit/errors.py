@@ -109,8 +109,11 @@ def guard(fn, prog: str, argv=None, *args, **kwargs) -> int:
 
 def run_recipe(main, prog: str) -> None:
     """A recipe's `if __name__ == "__main__"`: `main()` under `guard`, `--debug` taken off its command line."""
+    from .security import no_prompt_for_remote_code
+
     debug = debug_requested()
     sys.argv[1:] = strip_debug(sys.argv[1:])
     if debug:
         os.environ[DEBUG_ENV] = "1"
+    no_prompt_for_remote_code()
     sys.exit(guard(main, prog))

@@ -461,6 +461,7 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     the same optimizer, scheduler, RNG and data position. Returns (model, accelerator, metrics per stage).
     """
     from .model import VLM
+    from .security import user_trusts
 
     accelerator = accelerator or make_accelerator(cfg.train, cpu=cpu)
     set_seed(cfg.train.seed)
@@ -543,7 +544,7 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
         # ZeRO-3 / FSDP: the module keeps only this process's shards once the engine is released; every process
         # continues with the consolidated model (so generation, evaluation and export see whole weights)
         with plain_init():
-            model = VLM.from_pretrained(whole).to(accelerator.device)
+            model = VLM.from_pretrained(whole, trust_remote_code=user_trusts(cfg.model)).to(accelerator.device)
         if whole != out / "model" and accelerator.is_main_process:
             model.save_pretrained(out / "model")
     elif accelerator.is_main_process:
