@@ -500,8 +500,8 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
             if point.checkpoint is not None:
                 raw.load_weights(point.checkpoint)
                 resume = {"dir": point.checkpoint, "state": point.state}
-            else:  # the stage starts from the previous one's model, with the RNG where that one ended
-                raw.load_weights(point.boundary_dir)
+            elif point.boundary_dir is not None:  # the stage starts from the previous one's model, with the RNG
+                raw.load_weights(point.boundary_dir)  # where that one ended
                 ckpt.set_rng_state(ckpt.load_rng_state(point.boundary_dir, accelerator.process_index))
         dataset = make_dataset(stage.data, raw.processor())
         last_stage = i == len(cfg.stages) - 1
