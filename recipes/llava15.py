@@ -60,4 +60,4 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from vlmkit.errors import run_recipe
 
-    run_recipe(main, "recipes/llava15.py")  # one line per error (--debug: traceback)
+    run_recipe(main, "recipes/llava15.py")  # one line per error (--debug: traceback); SIGTERM: checkpoint, exit

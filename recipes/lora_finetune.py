@@ -122,4 +122,4 @@ def main(argv=None):
 if __name__ == "__main__":
     from vlmkit.errors import run_recipe
 
-    run_recipe(main, "recipes/lora_finetune.py")  # one line per error (--debug: traceback)
+    run_recipe(main, "recipes/lora_finetune.py")  # one line per error (--debug: traceback); SIGTERM: checkpoint, exit

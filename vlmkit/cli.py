@@ -10,6 +10,8 @@
 
 An error prints one line and exits with status 1 (--debug, or VLMKIT_DEBUG=1, shows the traceback).
 A model folder's own Python code never runs unless --trust-remote-code is given for that command.
+`vlmkit train` stops on SIGTERM / Ctrl-C after the current step, with a resumable checkpoint (exit status
+128 + the signal).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from .preempt import handlers
     from .train import run
 
     cfg = load_config(args.config)
@@ -28,7 +31,8 @@ def cmd_train(args) -> int:
         cfg.train.output_dir = args.output_dir
     if args.resume:
         cfg.train.resume = args.resume
-    run(cfg, cpu=args.cpu)
+    with handlers():  # SIGTERM / Ctrl-C: a resumable checkpoint at the next step, then exit
+        run(cfg, cpu=args.cpu)
     return 0
 
 

@@ -87,6 +87,9 @@ def report(e: BaseException, prog: str, stream=None) -> int:
     if isinstance(e, KeyboardInterrupt):
         print(f"{prog}: interrupted", file=stream)
         return 130
+    if type(e).__name__ == "Preempted":  # vlmkit.preempt: not an error, a stop that was asked for
+        print(f"{prog}: {e}", file=stream)
+        return e.exit_code
     print(f"{prog}: error: {message(e)}", file=stream)
     return 1
 
@@ -100,7 +103,7 @@ def guard(fn, prog: str, argv=None, *args, **kwargs) -> int:
     except SystemExit:
         raise
     except (Exception, KeyboardInterrupt) as e:
-        if debug:
+        if debug and type(e).__name__ != "Preempted":
             traceback.print_exc()
             return 130 if isinstance(e, KeyboardInterrupt) else 1
         return report(e, prog)
@@ -108,7 +111,9 @@ def guard(fn, prog: str, argv=None, *args, **kwargs) -> int:
 
 
 def run_recipe(main, prog: str) -> None:
-    """A recipe's `if __name__ == "__main__"`: `main()` under `guard`, `--debug` taken off its command line."""
+    """A recipe's `if __name__ == "__main__"`: `main()` under `guard` and the preemption handlers (SIGTERM /
+    Ctrl-C save a resumable checkpoint at the next step), `--debug` taken off its command line."""
+    from .preempt import handlers
     from .security import no_prompt_for_remote_code
 
     debug = debug_requested()
@@ -116,4 +121,6 @@ def run_recipe(main, prog: str) -> None:
     if debug:
         os.environ[DEBUG_ENV] = "1"
     no_prompt_for_remote_code()
-    sys.exit(guard(main, prog))
+    with handlers():
+        code = guard(main, prog)
+    sys.exit(code)

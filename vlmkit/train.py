@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
+from . import preempt
 from .config import DataConfig, RunConfig, StageConfig, TrainConfig
 from .data.dataset import ConversationDataset
 from .data.processor import collate
@@ -383,7 +384,8 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
             if accelerator.is_main_process:
                 with open(samples_path, "a") as f:
                     f.write(json.dumps({"stage": stage.name, "step": step, "ids": all_ids}) + "\n")
-        if save_steps and step % save_steps == 0 and step < total:
+        stop = preempt.requested(accelerator)  # SIGTERM / SIGINT: a resumable checkpoint now, then stop
+        if (stop or save_steps and step % save_steps == 0) and step < total:
             per_rank = gather_object([{"position": list(stream.position), "rng": ckpt.rng_state(), "skipped": skipped}])
             epoch, offset = per_rank[0]["position"]
             st = {"format": ckpt.FORMAT, **shape, "step": step, "epoch": epoch, "offset": offset,
@@ -392,6 +394,8 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
                   "seen": seen, "tokens": tokens, "seconds": time.perf_counter() - t0}
             last_good = save_checkpoint(accelerator, model, log_dir / "checkpoints" / stage.name / f"checkpoint-{step}",
                                         keep=keep, optimizer=opt, state=st, rng=[r["rng"] for r in per_rank])
+        if stop and step < total:
+            raise preempt.Preempted(stop, stage.name, step, last_good)
     bar.close()
     dt = time.perf_counter() - t0
     accelerator.wait_for_everyone()
