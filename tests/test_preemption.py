@@ -3,6 +3,10 @@ and SIGINT stop at a step boundary with a resumable checkpoint (the rerun contin
 named and nothing already saved is touched."""
 from __future__ import annotations
 
+import dataclasses
+import errno
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -14,11 +18,15 @@ import pytest
 import torch
 import yaml
 
+from test_errors import one_line_error
 from test_resume import PROG, records, small_run, trace, write_run_config
 from test_train import write_data
 from vlmkit import checkpoint as ckpt
+from vlmkit import model as model_mod
 from vlmkit import preempt
 from vlmkit import train as train_mod
+from vlmkit.cli import main
+from vlmkit.errors import DiskFullError
 
 
 # ---- 11. a damaged newest checkpoint -----------------------------------------------------------------------------
@@ -145,3 +153,59 @@ def test_a_second_ctrl_c_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
     assert signal.getsignal(signal.SIGINT) is before and preempt.requested() is None
+
+
+# ---- 13. a full disk ---------------------------------------------------------------------------------------------
+def _digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["weights", "optimizer"])
+def test_a_full_disk_is_named_and_nothing_saved_is_touched(encoder_dirs, llm_dir, tmp_path, monkeypatch, capsys, where):
+    caps, _ = write_data(tmp_path / "data", n=8)
+    out = tmp_path / "run"
+    cfg = small_run(encoder_dirs, llm_dir, caps, out, steps=4)
+    saved = {}
+    real_save, real_torch_writer = model_mod.save_file, ckpt.torch_writer
+
+    def snapshot():
+        for c in (out / "checkpoints" / "s1").glob("checkpoint-*"):
+            saved[c.name] = _digest(c)
+
+    def full_save_file(tensors, filename, metadata=None):
+        if "checkpoint-3" in filename:
+            snapshot()
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, metadata=metadata)
+
+    def full_torch_writer(obj):
+        def write(path):
+            if "checkpoint-3" in str(path):
+                snapshot()
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real_torch_writer(obj)(path)
+        return write
+
+    if where == "weights":
+        monkeypatch.setattr(model_mod, "save_file", full_save_file)
+    else:
+        monkeypatch.setattr(ckpt, "torch_writer", full_torch_writer)
+    with pytest.raises(DiskFullError) as ei:
+        train_mod.run(cfg, cpu=True)
+    msg = str(ei.value)
+    assert "no space left on device while writing" in msg and "checkpoint-3" in msg
+    ckpts = out / "checkpoints" / "s1"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no partial one
+    assert {c: _digest(ckpts / c) for c in ("checkpoint-1", "checkpoint-2")} == \
+        {c: saved[c] for c in ("checkpoint-1", "checkpoint-2")}  # not a byte changed
+    assert not [p for p in out.rglob(".*") if p.is_dir()]
+    # from the command line: one line naming the path
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg)))))
+    (out / "s1" / ckpt.STATE_NAME).unlink(missing_ok=True)
+    import shutil
+
+    shutil.rmtree(out)
+    assert main(["train", str(tmp_path / "run.yaml"), "--cpu"]) == 1
+    one_line_error(capsys.readouterr().err, "no space left on device while writing", "checkpoint-3")

@@ -24,6 +24,7 @@ import re
 import shutil
 import struct
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,6 +280,21 @@ def _numbered(folder: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.fullmatch(p.name)) and p.is_dir()
              and any((p / n).exists() for n in (STATE_NAME,) + MODEL_FILES)]
     return [p for _, p in sorted(found)]
+
+
+@contextmanager
+def writing(path, what: str = ""):
+    """A full disk met inside the block becomes a DiskFullError naming `path` (unless it already names one)."""
+    from .errors import DiskFullError, disk_full, is_disk_full
+
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full(e, path, what) from e
+        raise
 
 
 # ---- where a run continues --------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 
     guard(fn, prog)      runs a command (the `vlmkit` verbs, the recipes) and turns an exception into that line
     load_file(path)      safetensors' load_file, naming the file when it is truncated or not safetensors
+    disk_full(e, path)   an OSError saying "no space left on device" and the path being written
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -34,8 +36,32 @@ def load_file(path, device: str = "cpu") -> dict:
                          f"safetensors): {e}") from None
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError of a full disk (ENOSPC, EDQUOT), or a writer's own error saying so (safetensors reports it
+    as a SafetensorError carrying the OS message)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+class DiskFullError(OSError):
+    """No space left on the device being written; the message names the path."""
+
+
+def disk_full(e: BaseException, path, what: str = "") -> DiskFullError:
+    """The DiskFullError for `e`, met while writing `path` (a folder being saved, or the run's output_dir)."""
+    file = getattr(e, "filename", None)
+    detail = ", ".join(x for x in (f"at {os.path.basename(str(file))}" if file else "", what) if x)
+    err = DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}"
+                                      f"{f' ({detail})' if detail else ''}: free space there (or choose another "
+                                      f"output_dir) and rerun the same command")
+    err.filename = str(path)
+    return err
+
+
 # ---- the terminal --------------------------------------------------------------------------------
-OWN_ERRORS = ("ConfigError", "SampleError", "ImageError", "DatasetError", "RemoteCodeRefused",
+OWN_ERRORS = ("ConfigError", "SampleError", "ImageError", "DatasetError", "RemoteCodeRefused", "DiskFullError",
               "FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "PermissionError")
 """Errors whose message is meant for the user wherever they come from: shown as they are."""
 PACKAGE_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
@@ -60,6 +86,11 @@ def _raised_by_vlmkit(e: BaseException) -> bool:
 def message(e: BaseException) -> str:
     """One line (or a few, for a message that has them) for an exception: vlmkit's own messages as they are,
     anything else with its type and a pointer to --debug."""
+    if isinstance(e, DiskFullError):
+        return e.strerror or str(e)
+    if is_disk_full(e):
+        where = getattr(e, "filename", None)
+        return f"no space left on device{f' while writing {where}' if where else ''} ({e})"
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     names = {c.__name__ for c in type(e).__mro__}
     if text and (names & set(OWN_ERRORS) or _raised_by_vlmkit(e)):

@@ -26,7 +26,7 @@ from .data.conversation import IGNORE
 from .data.images import ImageTransform
 from .data.processor import Processor
 from .encoders import VisionEncoder, build_encoder, encoder_geometry
-from .errors import load_file
+from .errors import disk_full, is_disk_full, load_file
 from .highres import TileSpec
 from .llm import add_image_token, build_llm, load_tokenizer, prepare_quantized
 from .registry import CONNECTORS
@@ -388,8 +388,10 @@ class VLM(nn.Module):
             else:
                 tmp.rename(path)
             fsync_dir(path.parent)  # the rename itself survives a power loss
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):  # what was there before is untouched: only the temporary folder is gone
+                raise disk_full(e, path, "nothing already saved was changed") from e
             raise
 
     def _state_to_save(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -528,9 +528,10 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
             final_saved = last_stage and shards_weights(accelerator)  # the same answer on every process
             accelerator.wait_for_everyone()
 
-        m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every,
-                        cfg.train.save_steps, keep=cfg.train.keep_checkpoints, resume=resume,
-                        log_samples=cfg.train.log_samples, on_finish=finish)
+        with ckpt.writing(out, "the run's output_dir"):  # a full disk names the folder it filled
+            m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every,
+                            cfg.train.save_steps, keep=cfg.train.keep_checkpoints, resume=resume,
+                            log_samples=cfg.train.log_samples, on_finish=finish)
         model = accelerator.unwrap_model(model)
         step_offset += m["steps"]
         if m["skipped"]:
