@@ -5,6 +5,8 @@ CPU, generation that is free to stop.
   blank-image setting, against figures worked out below (the random test model never answers right, so its
   scores exercise no scoring at all).
 - QLoRA: the quantization settings reach transformers (BitsAndBytesConfig, dtype) and freeze the base, on CPU.
+- Export: generation without a forced length, from a model made to end its answer early, so the exported end
+  token decides where the native model stops.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import ENCODER_CASES, LLM_KW
-from vlmkit.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig
+from conftest import ENCODER_CASES, LLM_KW, build_for_export, model_config
+from vlmkit.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, TilingConfig
 from vlmkit.evaluate import evaluate, markdown_table
 
 # ---- evaluation with known answers ------------------------------------------------------------------------
@@ -151,3 +153,59 @@ def test_qlora_settings_reach_transformers(source, quant, want, tok_dir, llm_dir
     assert seen[0]["trust_remote_code"] is False if source == "path" else "trust_remote_code" not in seen[0]
     assert not any(p.requires_grad for p in model.llm.parameters())  # only adapters will train
     assert next(model.llm.parameters()).dtype == want[1]
+
+
+# ---- generation that may stop -----------------------------------------------------------------------------------
+PROMPT = [{"from": "human", "value": "<image>\nWhat color is the shape?"}]
+
+
+def _image(w=23, h=11, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def _ends_early(model, ids, px, extra: dict) -> list[int]:
+    """Make the (untied) model's greedy answer end with its tokenizer's EOS after a couple of tokens: the EOS row
+    of the output head becomes a slightly larger copy of the row of a token it would say there. Returns the
+    answer, EOS included."""
+    eos = model.tokenizer.eos_token_id
+    free = model.generate(ids, None, px, max_new_tokens=6, min_new_tokens=6, **extra)[0].tolist()
+    head = model.llm.get_output_embeddings().weight
+    for j in range(1, 5):
+        t = free[j]
+        if t == eos or t in free[:j]:
+            continue
+        with torch.no_grad():
+            saved = head[eos].clone()
+            head[eos] = head[t] * 1.05
+        got = model.generate(ids, None, px, max_new_tokens=12, **extra)[0].tolist()
+        if got == free[:j] + [eos]:
+            return got
+        with torch.no_grad():
+            head[eos] = saved
+    raise AssertionError(f"could not make the model stop early (free answer {free})")
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_exported_model_stops_where_vlmkit_stops(kind, encoder_dirs, llm_dir_untied, tmp_path):
+    """No min_new_tokens: the exported generation settings (its end token) decide where the native model stops;
+    it must stop on the token the model was trained to end with, exactly where vlmkit does."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmkit.export import export_model
+
+    cfg = model_config(encoder_dirs["clip"], llm_dir_untied)
+    if kind == "llava_next":
+        cfg.tiling = TilingConfig(mode="anyres", grid_pinpoints="(1x1),...,(2x2)")
+    model = build_for_export(cfg)
+    p = model.processor()(PROMPT, [_image()], add_generation_prompt=True)
+    ids, px = p["input_ids"][None], p["pixel_values"]
+    extra = {"image_sizes": p["image_sizes"]} if kind == "llava_next" else {}
+    want = _ends_early(model, ids, px, extra)
+    assert len(want) < 12 and want[-1] == model.tokenizer.eos_token_id
+    out = export_model(model, tmp_path / "hf")
+    hf = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert hf.generation_config.eos_token_id in (model.tokenizer.eos_token_id, [model.tokenizer.eos_token_id])
+    kw = {"image_sizes": p["image_sizes"].flip(-1)} if kind == "llava_next" else {}  # (height, width)
+    got = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px, max_new_tokens=12,
+                      do_sample=False, **kw)[0, ids.shape[1]:].tolist()
+    assert got == want

@@ -427,10 +427,12 @@ def build_native(cls, cfg, state: dict[str, torch.Tensor], tokenizer, generation
         raise ValueError(f"vlmkit weights do not fit {cls.__name__}: "
                          f"missing {still_empty[:5]}, unexpected {unexpected[:5]}")
     gen = generation_config.__class__.from_dict(generation_config.to_dict())
+    text = hf.config.get_text_config()
     for k, v in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
                  ("pad_token_id", tokenizer.pad_token_id)):
-        if getattr(gen, k, None) is None and v is not None:
+        if v is not None:  # the trained-with tokenizer's, over the LLM config's defaults (which may differ)
             setattr(gen, k, v)
+            setattr(text, k, v)
     hf.generation_config = gen
     return hf
 
