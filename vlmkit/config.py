@@ -569,8 +569,7 @@ def read_yaml(path: str | Path) -> dict:
             what = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"{path}: invalid YAML{where}: {what}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, stages, train), got "
-                          f"{type(data).__name__}")
+        raise ConfigError(f"{path}: expected a YAML mapping (key: value lines), got {type(data).__name__}")
     return data
 
 
