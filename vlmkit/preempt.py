@@ -33,7 +33,7 @@ class Preempted(Exception):
 
 def _handler(signum, frame) -> None:
     global _requested
-    if _requested is not None:
+    if _requested is not None or _in_worker():  # a data-loader worker (forked with the handler) keeps serving
         return
     _requested = signum
     name = signal.Signals(signum).name
@@ -42,6 +42,12 @@ def _handler(signum, frame) -> None:
           file=sys.stderr, flush=True)
     if signum == signal.SIGINT:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _in_worker() -> bool:
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info() is not None
 
 
 @contextmanager
