@@ -65,4 +65,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    from vlmkit.errors import run_recipe
+
+    run_recipe(main, "recipes/ablate_encoders.py")  # one line per error (--debug: traceback); SIGTERM: checkpoint, exit

@@ -58,4 +58,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    from vlmkit.errors import run_recipe
+
+    run_recipe(main, "recipes/llava15.py")  # one line per error (--debug: traceback); SIGTERM: checkpoint, exit

@@ -68,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--config", default=None, help="stage plan YAML (`stages:` and `train:`)")
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="let the base model folder's own Python code run (only for a folder you trust)")
     add_resume_args(ap)
     args = ap.parse_args(argv)
 
@@ -80,7 +82,7 @@ def main(argv=None):
     if not (base_dir / "config.json").exists():
         sys.exit(f"no vlmkit model at {base_dir}" + ("; run `accelerate launch recipes/llava15.py` first" if demo else ""))
     accelerator = make_accelerator(train, cpu=args.cpu)
-    model = VLM.from_pretrained(base_dir)
+    model = VLM.from_pretrained(base_dir, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     data, eval_data = args.data, args.eval_data
     if demo:
@@ -92,6 +94,8 @@ def main(argv=None):
     for s in stages:
         s.data.path = s.data.path or data
         s.data.image_folder = s.data.image_folder or args.image_folder
+        if demo:  # the replayed base-task samples name their images by absolute path (written just above)
+            s.data.allow_absolute_image_paths = True
     from vlmkit.evaluate import evaluate
 
     before = evaluate(model, eval_data, args.image_folder, progress=False) if eval_data and accelerator.is_main_process else None
@@ -116,4 +120,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from vlmkit.errors import run_recipe
+
+    run_recipe(main, "recipes/lora_finetune.py")  # one line per error (--debug: traceback); SIGTERM: checkpoint, exit

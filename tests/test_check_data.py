@@ -243,7 +243,11 @@ def test_cli_model_dir(model_dir, corpus, max_length, tmp_path, capsys):
     # a clean file: exit 0
     (tmp_path / "clean.json").write_text(json.dumps([{"id": "a", "image": str(corpus / "ok.png"),
                                                       "conversations": GOOD}]))
-    assert main(["check-data", str(tmp_path / "clean.json"), "--model", str(model_dir), "--no-progress"]) == 0
+    # (its image named by absolute path: refused unless asked for, then accepted)
+    assert main(["check-data", str(tmp_path / "clean.json"), "--model", str(model_dir), "--no-progress"]) == 1
+    assert "image_outside_folder" in capsys.readouterr().out
+    assert main(["check-data", str(tmp_path / "clean.json"), "--model", str(model_dir), "--no-progress",
+                 "--allow-absolute-image-paths"]) == 0
     assert "OK, no errors" in capsys.readouterr().out
 
 

@@ -47,13 +47,21 @@ def build(encoder_dirs, llm_dir, impl: str, tiling: TilingConfig | None = None) 
     return VLM.from_config(cfg).train()  # dropout is 0: train mode is deterministic
 
 
+def flex_unavailable(e: Exception) -> bool:
+    """The one stated limitation: this torch build has no flex_attention (an import or capability error naming
+    it). Any other failure to build a model is a failure, never a skip."""
+    return isinstance(e, (ImportError, NotImplementedError, RuntimeError, ValueError)) and "flex" in str(e).lower()
+
+
 @pytest.fixture(scope="module")
 def models(encoder_dirs, llm_dir):
     out = {}
     for impl in IMPLS:
         try:
             out[impl] = build(encoder_dirs, llm_dir, impl)
-        except Exception as e:  # noqa: BLE001 - flex_attention may be missing on some CPU builds
+        except Exception as e:  # noqa: BLE001 - only flex_attention's absence is skipped
+            if impl != "flex_attention" or not flex_unavailable(e):
+                raise
             out[impl] = e
     return out
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from .config import ConfigError, ConnectorConfig, EncoderConfig, RunConfig, from_dict, load_config, to_dict
+from .config import (ConfigError, ConnectorConfig, EncoderConfig, RunConfig, from_dict, load_config, read_yaml,
+                     to_dict)
 
 RESULT_NAME = "ablation_result.json"
 CONFIG_NAME = "ablation_config.json"
@@ -89,8 +89,7 @@ class AblationConfig:
 def load_ablation(path: str | Path) -> tuple[AblationConfig, RunConfig]:
     """The ablation file and its base run config (path relative to the ablation file)."""
     path = Path(path)
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    data = read_yaml(path)  # a syntax error: one line naming the file, line and column
     try:
         abl = from_dict(AblationConfig, data)
     except ConfigError as e:

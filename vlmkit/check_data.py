@@ -28,21 +28,31 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.conversation import SampleError
 from .data.dataset import ConversationDataset
-from .data.images import MAX_IMAGE_PIXELS
+from .data.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
+from .data.samples import check_record, record_notes
 
 ERRORS = {
     "missing_image": "image file not found",
     "corrupt_image": "not an image, or corrupt / truncated",
-    "image_too_large": "header declares more pixels than max_image_pixels (decompression bomb)",
+    "image_too_large": "header declares more pixels than max_image_pixels, or a canvas that large (decompression "
+                       "bomb, or a thin image padded to a square)",
+    "extreme_aspect_ratio": "thinner than max_aspect_ratio allows (refused from its header)",
+    "image_outside_folder": "image path leads outside image_folder (absolute, '..' or a symlink)",
     "image_count_mismatch": "<image> placeholders differ from the sample's images",
     "image_in_assistant_turn": "<image> in an assistant turn",
     "no_assistant_turn": "no assistant turn",
     "no_trained_token": "nothing left to train on (after truncation to max_length)",
     "too_long_for_images": "too long to keep its image tokens within max_length",
-    "invalid_sample": "malformed sample (fields, roles, turn order)",
+    "invalid_sample": "malformed sample (field types, roles, no conversations)",
+    "turn_order": "turns out of order (assistant first, two of one side in a row, a late system turn)",
+    "empty_answer": "an assistant turn with no text",
+    "unexpected_error": "an error nothing foresaw (please report it)",
     "unreadable_dataset": "the dataset file itself cannot be read",
+    "empty_dataset": "the dataset holds no samples",
 }
-IMAGE_ERRORS = ("missing_image", "corrupt_image", "image_too_large")
+IMAGE_ERRORS = ("missing_image", "corrupt_image", "image_too_large", "extreme_aspect_ratio", "image_outside_folder")
+NOTE_ASPECT_RATIO = 10
+"""Images more elongated than this (long side / short side) get a note saying what training does with them."""
 MODE_NOTES = {
     "CMYK": "CMYK, converted to RGB",
     "RGBA": "alpha composited on white",
@@ -59,6 +69,9 @@ NOTES = {
     "exif_rotation": "EXIF orientation: rotated on load",
     "animated": "several frames: the first is used",
     "at_max_length": "filled max_length (truncated, or exactly that long)",
+    "extreme_aspect": f"aspect ratio over {NOTE_ASPECT_RATIO}:1 (kept; the note says what training does with it)",
+    "duplicate_id": "an id used by an earlier sample too (both are trained on; logs cannot tell them apart)",
+    "unanswered_last_turn": "the last human turn has no answer (left out of training)",
 }
 
 
@@ -73,6 +86,8 @@ class Target:
     template: str | None = None
     max_length: int = 2048
     max_image_pixels: int | None = MAX_IMAGE_PIXELS
+    max_aspect_ratio: float | None = MAX_ASPECT_RATIO
+    allow_absolute_image_paths: bool = False
 
 
 @dataclass
@@ -90,11 +105,11 @@ class Tally:
 
 
 # ---- one sample ---------------------------------------------------------------------------------
-def image_notes(ds: ConversationDataset, item, k: int) -> list[tuple[str, str]]:
-    """Notes about one image entry from its header only (mode, EXIF orientation, frames); never raises:
-    an unreadable image is the training path's error, reported from there."""
-    src, name = ds.image_source(item, k)
+def image_notes(ds: ConversationDataset, item, k: int, n_images: int = 1) -> list[tuple[str, str]]:
+    """Notes about one image entry from its header only (mode, EXIF orientation, frames, extreme aspect ratio);
+    never raises: an unreadable image is the training path's error, reported from there."""
     try:
+        src, name = ds.image_source(item, k)  # refuses a path outside the image folder: nothing is opened
         if src is None:
             im = item
         else:
@@ -102,7 +117,7 @@ def image_notes(ds: ConversationDataset, item, k: int) -> list[tuple[str, str]]:
                 warnings.simplefilter("ignore")
                 im = Image.open(src)
         try:
-            mode = im.mode
+            mode, (w, h) = im.mode, im.size
             orientation = im.getexif().get(0x0112, 1)
             frames = getattr(im, "n_frames", 1)
         finally:
@@ -117,6 +132,10 @@ def image_notes(ds: ConversationDataset, item, k: int) -> list[tuple[str, str]]:
         out.append(("exif_rotation", f"{name}: EXIF orientation {orientation}, rotated on load"))
     if frames and frames > 1:
         out.append(("animated", f"{name}: {frames} frames, the first is used"))
+    ratio = max(w, h) / max(1, min(w, h))
+    if ratio > NOTE_ASPECT_RATIO and not (ds.max_aspect_ratio and ratio > ds.max_aspect_ratio):
+        fit = ds.processor.fit_note(w, h, n_images) if hasattr(ds.processor, "fit_note") else "kept"
+        out.append(("extreme_aspect", f"{name}: {w}x{h}, aspect ratio {ratio:.0f}:1: {fit}"))
     return out
 
 
@@ -124,17 +143,18 @@ def check_sample(ds: ConversationDataset, i: int) -> dict:
     """Errors and notes of sample i. `ds` must be in skip mode: its __getitem__ returns the error."""
     rec = ds.records[i]
     is_dict = isinstance(rec, dict)
-    sid = rec.get("id", i) if is_dict else i
     errors: list[tuple[str, str]] = []
     notes: list[tuple[str, str]] = []
-    refs = ds.image_refs(rec) if is_dict else []
-    for k, item in enumerate(refs):
-        notes += image_notes(ds, item, k)
-    tokens = None
+    sid = ds.sample_id(i)
     try:
-        out = ds[i]  # the training path: images, encode, truncate
-    except Exception as e:  # not a SampleError: a bug or a sample shape nobody expected; report, go on
-        out = {"skipped": {"kind": "invalid_sample", "reason": f"{type(e).__name__}: {e}"}}
+        notes += record_notes(check_record(rec))
+        refs = ds.image_refs(rec)
+    except SampleError:  # the training path below reports it
+        refs = []
+    for k, item in enumerate(refs):
+        notes += image_notes(ds, item, k, len(refs))
+    tokens = None
+    out = ds[i]  # the training path (skip mode: every error is returned, none raised): images, encode, truncate
     if "skipped" in out:
         kind, reason = out["skipped"]["kind"], out["skipped"]["reason"]
         errors.append((kind, reason))
@@ -151,7 +171,8 @@ def check_sample(ds: ConversationDataset, i: int) -> dict:
         tokens = len(out["input_ids"])
         if ds.max_length and tokens >= ds.max_length:
             notes.append(("at_max_length", f"{tokens} tokens: filled max_length {ds.max_length}"))
-    return {"index": i, "id": sid, "errors": errors, "notes": notes, "tokens": tokens, "images": len(refs)}
+    return {"index": i, "id": sid, "own_id": is_dict and rec.get("id") is not None, "errors": errors,
+            "notes": notes, "tokens": tokens, "images": len(refs)}
 
 
 class _Checks(Dataset):
@@ -204,10 +225,14 @@ def check_dataset(target: Target, workers: int = 0, examples: int = 5, progress:
     errors, notes = Tally(examples), Tally(examples)
     try:
         ds = ConversationDataset(target.path, target.processor, target.image_folder, target.template,
-                                 target.max_length, on_bad_sample="skip", max_image_pixels=target.max_image_pixels)
+                                 target.max_length, on_bad_sample="skip", max_image_pixels=target.max_image_pixels,
+                                 max_aspect_ratio=target.max_aspect_ratio,
+                                 allow_absolute_image_paths=target.allow_absolute_image_paths)
     except Exception as e:
-        errors.add("unreadable_dataset", {"file": target.path, "index": None, "id": None,
-                                          "message": f"{type(e).__name__}: {e}"})
+        kind = getattr(e, "kind", "unreadable_dataset")
+        message = str(e) if kind == "empty_dataset" or type(e).__name__ == "DatasetError" else f"{type(e).__name__}: {e}"
+        errors.add(kind if kind in ERRORS else "unreadable_dataset",
+                   {"file": target.path, "index": None, "id": None, "message": message})
         return {**head, "samples": 0, "checked": 0, "bad_samples": 0, "images": 0, "tokens": None,
                 "errors": errors.kinds, "notes": notes.kinds}
     checks = _Checks(ds, limit)
@@ -217,8 +242,15 @@ def check_dataset(target: Target, workers: int = 0, examples: int = 5, progress:
     bar = Progress(head["name"], len(checks)) if progress else None
     done = bad = n_images = 0
     lengths = []
+    first_of: dict = {}  # id -> index of its first sample
     for r in loader:
         where = {"file": ds.source, "index": r["index"], "id": r["id"]}
+        if r["own_id"]:  # an id of the data's own (not the index standing in for one)
+            key = (type(r["id"]).__name__, r["id"])
+            if key in first_of:
+                notes.add("duplicate_id", {**where, "message": f"id {r['id']!r} also at sample {first_of[key]}"})
+            else:
+                first_of[key] = r["index"]
         for kind, msg in r["errors"]:
             errors.add(kind, {**where, "message": msg})
         for kind, msg in r["notes"]:
@@ -260,12 +292,16 @@ def targets_from_config(config_path: str, data: list[str] | None = None, **overr
         return [Target(p, processor, **over) for p in data]
     return [Target(s.data.path, processor, name=f"{s.name}: {s.data.path}",
                    **{"image_folder": s.data.image_folder, "template": s.data.template,
-                      "max_length": s.data.max_length, "max_image_pixels": s.data.max_image_pixels, **over})
+                      "max_length": s.data.max_length, "max_image_pixels": s.data.max_image_pixels,
+                      "max_aspect_ratio": s.data.max_aspect_ratio,
+                      "allow_absolute_image_paths": s.data.allow_absolute_image_paths, **over})
             for s in cfg.stages]
 
 
-def targets_from_model(model_dir: str, data: list[str], **overrides) -> list[Target]:
-    """The given data files against a saved model folder (or a run folder holding model/)."""
+def targets_from_model(model_dir: str, data: list[str], trust_remote_code: bool = False,
+                       **overrides) -> list[Target]:
+    """The given data files against a saved model folder (or a run folder holding model/). The folder's code
+    (if it ships any) runs only with `trust_remote_code` (the user's `--trust-remote-code`)."""
     from pathlib import Path
 
     from .model import CONFIG_NAME, load_processor
@@ -273,7 +309,7 @@ def targets_from_model(model_dir: str, data: list[str], **overrides) -> list[Tar
     d = Path(model_dir)
     if not (d / CONFIG_NAME).exists() and (d / "model" / CONFIG_NAME).exists():
         d = d / "model"
-    processor = load_processor(d)
+    processor = load_processor(d, trust_remote_code=trust_remote_code)
     over = {k: v for k, v in overrides.items() if v is not None}
     return [Target(p, processor, **over) for p in data]
 
@@ -322,14 +358,15 @@ def format_summary(report: dict, examples: int = 3) -> str:
 def run_cli(args) -> int:
     """`vlmkit check-data`: exit status 0 when no errors, 1 when any (2: bad arguments, from argparse)."""
     over = dict(image_folder=args.image_folder, template=args.template, max_length=args.max_length,
-                max_image_pixels=args.max_image_pixels)
+                max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
+                allow_absolute_image_paths=args.allow_absolute_image_paths)
     if not args.config and not args.data:
         print("vlmkit check-data: give data files to check against --model", file=sys.stderr)
         return 2
     if args.config:
         targets = targets_from_config(args.config, args.data, **over)
     else:
-        targets = targets_from_model(args.model, args.data, **over)
+        targets = targets_from_model(args.model, args.data, trust_remote_code=args.trust_remote_code, **over)
     report = check(targets, workers=args.workers, examples=args.examples, progress=not args.no_progress,
                    limit=args.limit)
     print(format_summary(report, args.examples))

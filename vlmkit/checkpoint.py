@@ -22,7 +22,10 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+import struct
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,8 @@ STATE_NAME = "trainer_state.json"
 RNG_NAME = "rng_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 METRICS_NAME = "metrics.json"
+MODEL_FILES = ("config.json", "model.safetensors")
+"""What `VLM.save_pretrained` writes that resuming reads (besides the adapters config.json lists)."""
 ENGINE_DIR = "engine"
 """Under DeepSpeed / FSDP: the sharded optimizer (and engine) state in accelerate's `save_state` layout."""
 FORMAT = 1
@@ -193,6 +198,105 @@ def truncate_log(path: Path, stage_names: list[str], stage_index: int, step: int
     tmp.replace(path)
 
 
+def merge_skipped(parts: list[list[dict]]) -> list[dict]:
+    """The skipped samples of every process (`gather_object` of each one's list), once per sample, in index order."""
+    by_index = {}
+    for part in parts:
+        for s in part:
+            by_index.setdefault(s["index"], s)
+    return [by_index[i] for i in sorted(by_index)]
+
+
+# ---- is a folder whole? ---------------------------------------------------------------------------------
+def _safetensors_damage(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole (its header unreadable, or shorter than its header says), from
+    its header and size only: nothing is loaded."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{path.name} is truncated ({size} bytes, its header alone says {n + 8})"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"{path.name} cannot be read ({e})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    want = 8 + n + max(ends, default=0)
+    if size < want:
+        return f"{path.name} is truncated ({size:,} of {want:,} bytes)"
+    return None
+
+
+def _json_damage(path: Path) -> str | None:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{path.name} cannot be read ({type(e).__name__})"
+    return None
+
+
+def damage(folder: str | os.PathLike) -> str | None:
+    """What makes a checkpoint or finished stage folder unusable for resuming: a file missing, truncated or
+    unreadable (checked from headers and sizes; weights are not loaded). None when it is whole."""
+    folder = Path(folder)
+    state = read_state(folder)
+    if state is None:
+        return f"{STATE_NAME} is missing or unreadable"
+    need = list(MODEL_FILES) + [RNG_NAME]
+    if not state.get("done"):
+        need.append(ENGINE_DIR if (folder / ENGINE_DIR).is_dir() else OPTIMIZER_NAME)
+    missing = [n for n in need if not (folder / n).exists()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for name in ("config.json", RNG_NAME):
+        why = _json_damage(folder / name)
+        if why:
+            return why
+    weights = [folder / "model.safetensors"]
+    adapters = (json.loads((folder / "config.json").read_text()).get("adapters") or {})
+    for sub in adapters.values() if isinstance(adapters, dict) else []:
+        a = folder / sub / "adapter_model.safetensors"
+        if not a.exists() or not (folder / sub / "adapter_config.json").exists():
+            return f"{sub}/ is incomplete"
+        weights.append(a)
+    for w in weights:
+        why = _safetensors_damage(w)
+        if why:
+            return why
+    opt = folder / OPTIMIZER_NAME
+    if not state.get("done") and opt.exists() and not zipfile.is_zipfile(opt):
+        return f"{OPTIMIZER_NAME} is truncated or unreadable ({opt.stat().st_size:,} bytes)"
+    return None
+
+
+def _numbered(folder: Path) -> list[Path]:
+    """Every checkpoint-<step> folder of a stage that holds a model or a state, oldest first (what a kill
+    mid-write never leaves under a real name; what a later loss may have damaged)."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.fullmatch(p.name)) and p.is_dir()
+             and any((p / n).exists() for n in (STATE_NAME,) + MODEL_FILES)]
+    return [p for _, p in sorted(found)]
+
+
+@contextmanager
+def writing(path, what: str = ""):
+    """A full disk met inside the block becomes a DiskFullError naming `path` (unless it already names one)."""
+    from .errors import DiskFullError, disk_full, is_disk_full
+
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full(e, path, what) from e
+        raise
+
+
 # ---- where a run continues --------------------------------------------------------------------------
 @dataclass
 class ResumePoint:
@@ -206,13 +310,22 @@ class ResumePoint:
     """The previous stage's trainer_state.json (done), when the stage starts at step 0."""
     boundary_dir: Path | None = None
     """The previous stage's saved model, when the stage starts at step 0."""
+    damaged: list[str] = field(default_factory=list)
+    """Newer checkpoints (or a finished stage's folder) passed over because a file is missing or truncated."""
 
     @property
     def step(self) -> int:
         return self.state["step"] if self.state else 0
 
     def describe(self, stage_names: list[str], out: Path) -> str:
+        lines = [f"resume: {d}: damaged, passed over" for d in self.damaged]
+        return "\n".join(lines + [self._where(stage_names, out)])
+
+    def _where(self, stage_names: list[str], out: Path) -> str:
         done = ", ".join(stage_names[:self.stage_index]) or "none"
+        if self.checkpoint is None and self.boundary_dir is None:
+            return (f"resuming: nothing usable is left: stage {stage_names[self.stage_index]} starts from its "
+                    f"beginning")
         if self.checkpoint is not None:
             return (f"resuming: stage {stage_names[self.stage_index]} at step {self.step}/{self.state['total']} "
                     f"(epoch {self.state['epoch']}, batch {self.state['offset']}) from {self.checkpoint}; "
@@ -230,18 +343,27 @@ def find_resume(out: Path, stage_names: list[str], mode: str = "auto") -> Resume
         return None
     if mode not in ("auto", "latest"):
         return _explicit(Path(mode), out, stage_names)
-    finished = []
+    finished, damaged = [], []
     for name in stage_names:
         st = read_state(out / name)
         if not (st and st.get("done") and st.get("stage") == name):
             break
+        why = damage(out / name)
+        if why:  # the stage is run again from its last whole checkpoint
+            damaged.append(f"{out / name} ({why})")
+            break
         finished.append(st)
     c = len(finished)
-    found = checkpoints(out / "checkpoints" / stage_names[c]) if c < len(stage_names) else []
-    if found:
-        return ResumePoint(c, found[-1], read_state(found[-1]))
+    found = _numbered(out / "checkpoints" / stage_names[c]) if c < len(stage_names) else []
+    for cand in reversed(found):  # the newest whole one; a damaged one is named and passed over
+        why = damage(cand)
+        if why is None:
+            return ResumePoint(c, cand, read_state(cand), damaged=damaged)
+        damaged.append(f"{cand} ({why})")
     if c:
-        return ResumePoint(c, boundary=finished[-1], boundary_dir=out / stage_names[c - 1])
+        return ResumePoint(c, boundary=finished[-1], boundary_dir=out / stage_names[c - 1], damaged=damaged)
+    if damaged:
+        return ResumePoint(0, damaged=damaged)
     if mode == "latest":
         raise FileNotFoundError(f"resume: {out} holds no checkpoint (checkpoints/<stage>/checkpoint-N with "
                                 f"{STATE_NAME}) and no finished stage of {stage_names}")
@@ -253,6 +375,10 @@ def _explicit(path: Path, out: Path, stage_names: list[str]) -> ResumePoint:
     if st is None:
         raise FileNotFoundError(f"resume: {path} is not a resumable checkpoint (no readable {STATE_NAME}; "
                                 f"written by vlmkit's training loop with train.save_steps)")
+    why = damage(path)
+    if why:
+        raise ValueError(f"resume: {path} is damaged ({why}); give an older checkpoint, or --resume without a "
+                         f"path to let vlmkit pick the newest whole one")
     if st.get("stage") not in stage_names:
         raise ValueError(f"resume: {path} belongs to stage {st.get('stage')!r}, not one of this run's {stage_names}")
     i = stage_names.index(st["stage"])

@@ -7,6 +7,11 @@
     vlmkit import HF_DIR_OR_HUB_ID OUT_DIR   a Llava / LlavaNext / InternVL checkpoint -> a vlmkit model folder
     vlmkit check-data --config RUN.yaml      scan every stage's data for bad samples (exit 1 if any)
     vlmkit check-data data.json --model MODEL_DIR --json report.json
+
+An error prints one line and exits with status 1 (--debug, or VLMKIT_DEBUG=1, shows the traceback).
+A model folder's own Python code never runs unless --trust-remote-code is given for that command.
+`vlmkit train` stops on SIGTERM / Ctrl-C after the current step, with a resumable checkpoint (exit status
+128 + the signal).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from .preempt import handlers
     from .train import run
 
     cfg = load_config(args.config)
@@ -25,7 +31,8 @@ def cmd_train(args) -> int:
         cfg.train.output_dir = args.output_dir
     if args.resume:
         cfg.train.resume = args.resume
-    run(cfg, cpu=args.cpu)
+    with handlers():  # SIGTERM / Ctrl-C: a resumable checkpoint at the next step, then exit
+        run(cfg, cpu=args.cpu)
     return 0
 
 
@@ -37,7 +44,7 @@ def cmd_eval(args) -> int:
     from .model import VLM, resolve_model_dir
 
     acc = Accelerator(cpu=args.cpu)
-    model = VLM.from_pretrained(resolve_model_dir(args.model)).to(acc.device)
+    model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).to(acc.device)
     settings = {"images": False, "blank images": True} if args.blank_images else {"images": False}
     results = {name: evaluate(model, args.data, args.image_folder, blank_images=blank, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, accelerator=acc)
@@ -57,7 +64,7 @@ def cmd_chat(args) -> int:
     from .data.images import load_image
     from .model import VLM, resolve_model_dir
 
-    model = VLM.from_pretrained(resolve_model_dir(args.model)).eval()
+    model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).eval()
     proc = model.processor()
     images = [load_image(args.image)] if args.image else []
     gen = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens}
@@ -93,8 +100,14 @@ def cmd_export(args) -> int:
     from .export import EXPORT_TYPES, export_model
     from .model import resolve_model_dir
 
+    from .security import RemoteCodeRefused
+
     src = resolve_model_dir(args.model)
-    out = export_model(src, args.out_dir, template=args.template)
+    try:
+        out = export_model(src, args.out_dir, template=args.template)
+    except RemoteCodeRefused as e:
+        raise RemoteCodeRefused(f"{e}. But an export writes a transformers-native class, which runs no model code: "
+                                f"a model that needs its own code cannot be exported") from None
     model_type = json.loads((Path(out) / "config.json").read_text())["model_type"]
     print(f"exported {src} -> {out} ({EXPORT_TYPES[model_type]}; load with AutoModelForImageTextToText "
           f"and AutoProcessor)")
@@ -118,10 +131,19 @@ def cmd_check_data(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .errors import guard
+    from .security import no_prompt_for_remote_code
+
     ap = argparse.ArgumentParser(prog="vlmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (or VLMKIT_DEBUG=1)")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-remote-code", action="store_true",
+                       help="let the model folder's own Python code run, for this command (only for a folder "
+                            "whose author you trust; a folder's config.json cannot switch this on)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="run every stage of a config")
+    t = sub.add_parser("train", help="run every stage of a config", parents=[common])
     t.add_argument("config")
     t.add_argument("--output-dir")
     t.add_argument("--cpu", action="store_true")
@@ -130,7 +152,8 @@ def main(argv=None) -> int:
     add_resume_args(t)
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="accuracy on a LLaVA-format file or HF dataset with reference answers")
+    e = sub.add_parser("eval", help="accuracy on a LLaVA-format file or HF dataset with reference answers",
+                       parents=[common, trust])
     e.add_argument("model")
     e.add_argument("--data", required=True)
     e.add_argument("--image-folder", default="")
@@ -142,7 +165,7 @@ def main(argv=None) -> int:
     e.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     e.set_defaults(fn=cmd_eval)
 
-    c = sub.add_parser("chat", help="talk to a model about an image")
+    c = sub.add_parser("chat", help="talk to a model about an image", parents=[common, trust])
     c.add_argument("model")
     c.add_argument("--image")
     c.add_argument("--prompt", help="one-shot: answer this and exit")
@@ -152,20 +175,22 @@ def main(argv=None) -> int:
     c.set_defaults(fn=cmd_chat)
 
     x = sub.add_parser("export", help="export to transformers-native Llava / LlavaNext / InternVL "
-                                      "(AutoModelForImageTextToText)")
+                                      "(AutoModelForImageTextToText)", parents=[common])
     x.add_argument("model", help="a model folder, or a run folder (its model/ is used)")
     x.add_argument("out_dir")
     x.add_argument("--template", help="chat template to write (default: the model's)")
     x.set_defaults(fn=cmd_export)
 
-    m = sub.add_parser("import", help="a transformers-native Llava / LlavaNext / InternVL checkpoint -> vlmkit folder")
+    m = sub.add_parser("import", help="a transformers-native Llava / LlavaNext / InternVL checkpoint -> vlmkit folder",
+                       parents=[common])
     m.add_argument("source", help="a local folder or a hub id")
     m.add_argument("out_dir")
     m.add_argument("--template", help="vlmkit chat template (default: inferred from the checkpoint's)")
     m.add_argument("--image-aspect", choices=("pad", "resize"), help="Llava only (default: from its image processor)")
     m.set_defaults(fn=cmd_import)
 
-    k = sub.add_parser("check-data", help="scan datasets for bad samples before training (exit 1 if any)")
+    k = sub.add_parser("check-data", help="scan datasets for bad samples before training (exit 1 if any)",
+                       parents=[common])
     k.add_argument("data", nargs="*", help="LLaVA-format JSON/JSONL files or HF datasets "
                                            "(with --config and none given: every stage's data)")
     src = k.add_mutually_exclusive_group(required=True)
@@ -176,6 +201,12 @@ def main(argv=None) -> int:
     k.add_argument("--max-length", type=int, help="default: the stage's, else 2048")
     k.add_argument("--max-image-pixels", type=int, help="refuse images whose header declares more pixels "
                    "(default: the stage's data.max_image_pixels, else 178,956,970; 0: no limit)")
+    k.add_argument("--max-aspect-ratio", type=float, help="refuse images more elongated than this (long side / "
+                   "short side; default: the stage's data.max_aspect_ratio, else 200; 0: no limit)")
+    k.add_argument("--allow-absolute-image-paths", action="store_true", default=None,
+                   help="accept image paths outside the image folder (absolute, '..', symlinks); default: refused")
+    k.add_argument("--trust-remote-code", action="store_true",
+                   help="with --model: let the folder's own Python code run (only for a folder you trust)")
     k.add_argument("--json", help="write the full report as JSON to this file ('-': stdout)")
     k.add_argument("--examples", type=int, default=5, help="offending samples kept per kind")
     k.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
@@ -184,7 +215,9 @@ def main(argv=None) -> int:
     k.set_defaults(fn=cmd_check_data)
 
     args = ap.parse_args(argv)
-    return args.fn(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    no_prompt_for_remote_code()
+    return guard(args.fn, f"vlmkit {args.cmd}", argv + (["--debug"] if args.debug else []), args)
 
 
 if __name__ == "__main__":

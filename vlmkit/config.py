@@ -266,6 +266,12 @@ class DataConfig:
     max_image_pixels: int | None = 178_956_970
     """An image whose header declares more pixels is refused before decoding (a decompression bomb);
     None or 0: no vlmkit limit (PIL's own, 2 x PIL.Image.MAX_IMAGE_PIXELS, still applies)."""
+    max_aspect_ratio: float | None = 200
+    """An image more elongated than this (long side / short side) is refused from its header (a bad sample);
+    None or 0: no limit. check-data notes every image over 10:1 and says what training does with it."""
+    allow_absolute_image_paths: bool = False
+    """Image paths must lead inside `image_folder` (no absolute paths, no `..` or symlinks out of it); true:
+    any path is opened (for data that keeps its images elsewhere, and is trusted)."""
     pack: bool = False
     """Concatenate each micro-batch's samples into one row (or rows of at most `pack_max_tokens`) without padding;
     positions restart at 0 and attention stays within each sample. Same samples per step, same loss; best with
@@ -279,6 +285,13 @@ class DataConfig:
             raise ConfigError(f"data.on_bad_sample must be error or skip, got {self.on_bad_sample!r}")
         if not isinstance(self.pack, bool):
             raise ConfigError(f"data.pack must be true or false, got {self.pack!r}")
+        if not isinstance(self.allow_absolute_image_paths, bool):
+            raise ConfigError(f"data.allow_absolute_image_paths must be true or false, "
+                              f"got {self.allow_absolute_image_paths!r}")
+        for key in ("max_image_pixels", "max_aspect_ratio"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ConfigError(f"data.{key} must be a number >= 0 or null, got {v!r}")
         if not isinstance(self.pack_max_tokens, int) or self.pack_max_tokens < 0:
             raise ConfigError(f"data.pack_max_tokens must be an integer >= 0, got {self.pack_max_tokens!r}")
 
@@ -376,7 +389,7 @@ class TrainConfig:
     """Save a resumable checkpoint every N optimizer steps (0: only at the end of each stage)."""
     keep_checkpoints: int = 2
     """How many of a stage's newest checkpoints to keep (older ones are deleted after a save succeeds)."""
-    resume: str = "auto"
+    resume: str | bool = "auto"
     """auto: continue from output_dir's last checkpoint / finished stage when there is one, else start;
     latest: the same, but an error when there is nothing to resume; never: start over (the old
     checkpoints, logs and stage markers under output_dir are removed); or a checkpoint folder's path."""
@@ -449,13 +462,72 @@ def from_dict(cls, data: Any, where: str = ""):
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
-    kwargs = {}
+    kwargs, problems = {}, []
     for key, value in data.items():
-        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+        try:
+            kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+        except _WrongType as e:  # reported below, unless the dataclass's own check says it better
+            problems.append(str(e))
+            kwargs[key] = value
     try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except Exception as e:
+        if problems:
+            raise ConfigError(problems[0]) from None
+        if isinstance(e, TypeError):
+            raise ConfigError(f"{where or cls.__name__}: {e}") from None
+        raise
+    if problems:
+        raise ConfigError(problems[0])
+    return obj
+
+
+_UNION_TYPES = (typing.Union, getattr(__import__("types"), "UnionType", None))
+
+
+class _WrongType(ConfigError):
+    """A value whose type does not fit its field (from_dict reports it after the dataclass's own checks)."""
+
+
+def _type_name(tp) -> str:
+    """A type hint in words, for error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in _UNION_TYPES:
+        return " or ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "null"
+    if origin is list or tp is list:
+        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _type_ok(tp, value) -> bool:
+    """Does `value` (plain YAML / JSON data) fit the type hint `tp`? Containers are checked for their kind (and a
+    list's items); a dataclass's own fields are checked when it is built."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in _UNION_TYPES:
+        return any(_type_ok(a, value) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list or tp is list:
+        return isinstance(value, list) and (not args or all(_type_ok(args[0], v) for v in value))
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
+        return isinstance(value, dict) or (dataclasses.is_dataclass(tp) and isinstance(value, tp))
+    return True
 
 
 def _convert(tp, value, where):
@@ -464,15 +536,26 @@ def _convert(tp, value, where):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise _WrongType(f"{where} must be a list of mappings, got {value!r}")
         return [from_dict(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in _UNION_TYPES:
         inner = [a for a in args if a is not type(None)]
         if value is None:
             return None
         if len(inner) == 1:
             return _convert(inner[0], value, where)
-    if tp is float and isinstance(value, (int, str)):
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise _WrongType(f"{where} must be a number, got {value!r}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if not _type_ok(tp, value):
+        hint = (" (YAML reads yes / no / on / off unquoted as true / false: quote it)"
+                if isinstance(value, bool) and _type_ok(tp, "x") else "")
+        raise _WrongType(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
     return value
 
 
@@ -488,10 +571,24 @@ class PlanConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from `path`; a syntax error is one line naming the file, line and column."""
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: invalid YAML{where}: {what}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping (key: value lines), got {type(data).__name__}")
+    return data
+
+
 def load_stages(path: str | Path) -> tuple[list[StageConfig], TrainConfig]:
     """`stages:` (and optionally `train:`) of a plan file; a full run config's model section is ignored."""
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    data = read_yaml(path)
     data = {k: v for k, v in data.items() if k in ("stages", "train")}
     try:
         plan = from_dict(PlanConfig, data)
@@ -501,8 +598,7 @@ def load_stages(path: str | Path) -> tuple[list[StageConfig], TrainConfig]:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    data = read_yaml(path)
     try:
         return from_dict(RunConfig, data)
     except ConfigError as e:

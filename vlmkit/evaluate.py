@@ -7,8 +7,9 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from .data.conversation import normalize
+from .data.conversation import SampleError
 from .data.dataset import ConversationDataset
+from .data.samples import check_record
 from .data.processor import collate
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -57,15 +58,18 @@ def evaluate(model, path: str, image_folder: str = "", blank_images: bool = Fals
     prompts, rows = [], []
     for i in range(lo, hi):
         rec = ds.records[i]
-        sid = rec.get("id", i)
-        turns = normalize(rec["conversations"])
-        if not turns or turns[-1]["role"] != "assistant":
-            raise ValueError(f"{path}: sample {i} (id={sid}): the last turn must be the reference answer")
-        p = processor(rec["conversations"][:-1], ds.images(rec), add_generation_prompt=True)
+        sid = ds.sample_id(i)
+        try:  # the checks training makes, then the prompt; an error names the file and the sample
+            turns = check_record(rec)
+            if turns[-1][0] != "assistant":
+                raise SampleError("the last turn must be the reference answer")
+            p = processor(rec["conversations"][:-1], ds.images(rec), add_generation_prompt=True)
+        except (SampleError, OSError, ValueError) as e:
+            raise SampleError(f"{path}: sample {i} (id={sid}): {e}", getattr(e, "kind", "invalid_sample")) from None
         if blank_images:
             p["pixel_values"] = processor.blank_like(p["pixel_values"])
         prompts.append(p)
-        rows.append({"index": i, "id": sid, "type": rec.get("type", "all"), "ref": turns[-1]["content"].strip()})
+        rows.append({"index": i, "id": sid, "type": str(rec.get("type", "all")), "ref": turns[-1][1].strip()})
     answers = generate_answers(model, prompts, batch_size, max_new_tokens, progress and rank == 0)
     for r, a in zip(rows, answers):
         r.update(answer=a, exact=a == r["ref"], normalized=normalize_answer(a) == normalize_answer(r["ref"]))

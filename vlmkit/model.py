@@ -17,18 +17,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, from_dict, to_dict
+from .config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, to_dict
 from .data.conversation import IGNORE
 from .data.images import ImageTransform
 from .data.processor import Processor
 from .encoders import VisionEncoder, build_encoder, encoder_geometry
+from .errors import disk_full, is_disk_full, load_file
 from .highres import TileSpec
 from .llm import add_image_token, build_llm, load_tokenizer, prepare_quantized
 from .registry import CONNECTORS
+from .security import read_model_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -134,13 +136,13 @@ def build_processor(config: ModelConfig, template: str | None = None, tokenizer=
     return make_processor(config, tokenizer, geo, counter, template)
 
 
-def load_processor(path: str | os.PathLike, template: str | None = None) -> Processor:
-    """The Processor of a folder written by `VLM.save_pretrained` (config.json + tokenizer; weights unread)."""
+def load_processor(path: str | os.PathLike, template: str | None = None, trust_remote_code: bool = False) -> Processor:
+    """The Processor of a folder written by `VLM.save_pretrained` (config.json + tokenizer; weights unread).
+    The folder's own code runs only with `trust_remote_code` (vlmkit.security)."""
     path = Path(path)
     if not (path / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{path} is not a vlmkit model folder (no {CONFIG_NAME})")
-    with open(path / CONFIG_NAME) as f:
-        config = from_dict(ModelConfig, json.load(f)["model"], "model")
+    _, config = read_model_folder(path, trust_remote_code)
     config.llm.tokenizer = str(path)
     return build_processor(config, template)
 
@@ -250,14 +252,14 @@ class VLM(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> VLM:
-        """Load a folder written by `save_pretrained`: parts rebuilt from config.json, weights from safetensors."""
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        trust_remote_code: bool = False) -> VLM:
+        """Load a folder written by `save_pretrained`: parts rebuilt from config.json, weights from safetensors.
+        Code shipped in the folder runs only with `trust_remote_code` (the folder's own flags are ignored)."""
         path = Path(path)
         if not (path / CONFIG_NAME).exists() or not (path / WEIGHTS_NAME).exists():
             raise FileNotFoundError(f"{path} is not a vlmkit model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        with open(path / CONFIG_NAME) as f:
-            saved = json.load(f)
-        config = from_dict(ModelConfig, saved["model"], "model")
+        saved, config = read_model_folder(path, trust_remote_code)
         config.llm.tokenizer = str(path)
         tokenizer = load_tokenizer(str(path), config.llm.image_token, trust_remote_code=config.llm.trust_remote_code)
         with init_empty_weights(include_buffers=False):
@@ -386,8 +388,10 @@ class VLM(nn.Module):
             else:
                 tmp.rename(path)
             fsync_dir(path.parent)  # the rename itself survives a power loss
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):  # what was there before is untouched: only the temporary folder is gone
+                raise disk_full(e, path, "nothing already saved was changed") from e
             raise
 
     def _state_to_save(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

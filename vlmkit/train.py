@@ -20,6 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
 from . import precision as prec
+from . import preempt
 from .config import DataConfig, RunConfig, StageConfig, TrainConfig
 from .data.conversation import IGNORE
 from .data.dataset import ConversationDataset
@@ -228,7 +229,8 @@ class BatchStream:
 def make_dataset(data: DataConfig, processor) -> ConversationDataset:
     """A stage's dataset: `data.path`'s samples through `processor` (a model's, or `vlmkit.model.build_processor`)."""
     return ConversationDataset(data.path, processor, data.image_folder, data.template, data.max_length,
-                               data.on_bad_sample, data.max_image_pixels)
+                               data.on_bad_sample, data.max_image_pixels, data.max_aspect_ratio,
+                               data.allow_absolute_image_paths)
 
 
 def make_loader(dataset, data: DataConfig, batch_size: int, pad_id: int) -> DataLoader:
@@ -300,7 +302,8 @@ def draw_window(stream: BatchStream, accum: int, skipped: list, stage: str, pati
     window, empty = [], 0
     while len(window) < accum:
         b = next(stream)
-        skipped += b.get("skipped", [])
+        if stream.epoch == 0:  # each sample once: a later epoch meets the same bad samples again
+            skipped += b.get("skipped", [])
         if "input_ids" in b:
             window.append(b)
             empty = 0
@@ -444,22 +447,26 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
             if accelerator.is_main_process:
                 with open(samples_path, "a") as f:
                     f.write(json.dumps({"stage": stage.name, "step": step, "ids": all_ids}) + "\n")
-        if save_steps and step % save_steps == 0 and step < total:
-            per_rank = gather_object([{"position": list(stream.position), "rng": ckpt.rng_state()}])
+        stop = preempt.requested(accelerator)  # SIGTERM / SIGINT: a resumable checkpoint now, then stop
+        if (stop or save_steps and step % save_steps == 0) and step < total:
+            per_rank = gather_object([{"position": list(stream.position), "rng": ckpt.rng_state(), "skipped": skipped}])
             epoch, offset = per_rank[0]["position"]
             st = {"format": ckpt.FORMAT, **shape, "step": step, "epoch": epoch, "offset": offset,
                   "positions": [r["position"] for r in per_rank], "done": False,
-                  "scheduler": sched.state_dict(), "skipped": skipped,
+                  "scheduler": sched.state_dict(), "skipped": ckpt.merge_skipped([r["skipped"] for r in per_rank]),
                   "seen": seen, "tokens": tokens, "seconds": time.perf_counter() - t0}
             last_good = save_checkpoint(accelerator, model, log_dir / "checkpoints" / stage.name / f"checkpoint-{step}",
                                         keep=keep, optimizer=opt, state=st, rng=[r["rng"] for r in per_rank])
+        if stop and step < total:
+            raise preempt.Preempted(stop, stage.name, step, last_good)
     bar.close()
     dt = time.perf_counter() - t0
     accelerator.wait_for_everyone()
     metrics = {"stage": stage.name, "steps": total, "samples": seen, "seconds": round(dt, 2),
                "train_samples_per_second": seen / dt, "train_tokens_per_second": tokens / dt,
-               "final_loss": last.get("loss"), "skipped": skipped, "precision": precision,
-               "recent": meter.rates(), "memory": last.get("memory") or memory_report(accelerator, raw, opt)}
+               "final_loss": last.get("loss"), "skipped": ckpt.merge_skipped(gather_object([skipped])),
+               "precision": precision, "recent": meter.rates(),
+               "memory": last.get("memory") or memory_report(accelerator, raw, opt)}
     if on_finish is not None:
         on_finish(model, metrics)
     accelerator.free_memory()
@@ -523,6 +530,7 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     the same optimizer, scheduler, RNG and data position. Returns (model, accelerator, metrics per stage).
     """
     from .model import VLM
+    from .security import user_trusts
 
     accelerator = accelerator or make_accelerator(cfg.train, cpu=cpu)
     set_seed(cfg.train.seed)
@@ -569,8 +577,8 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
             if point.checkpoint is not None:
                 raw.load_weights(point.checkpoint)
                 resume = {"dir": point.checkpoint, "state": point.state}
-            else:  # the stage starts from the previous one's model, with the RNG where that one ended
-                raw.load_weights(point.boundary_dir)
+            elif point.boundary_dir is not None:  # the stage starts from the previous one's model, with the RNG
+                raw.load_weights(point.boundary_dir)  # where that one ended
                 ckpt.set_rng_state(ckpt.load_rng_state(point.boundary_dir, accelerator.process_index))
         dataset = make_dataset(stage.data, raw.processor())
         last_stage = i == len(cfg.stages) - 1
@@ -595,9 +603,10 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
             final_saved = last_stage and shards_weights(accelerator)  # the same answer on every process
             accelerator.wait_for_everyone()
 
-        m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every,
-                        cfg.train.save_steps, keep=cfg.train.keep_checkpoints, resume=resume,
-                        log_samples=cfg.train.log_samples, on_finish=finish, precision=regime)
+        with ckpt.writing(out, "the run's output_dir"):  # a full disk names the folder it filled
+            m = train_stage(accelerator, model, stage, dataset, out, step_offset, cfg.train.log_every,
+                            cfg.train.save_steps, keep=cfg.train.keep_checkpoints, resume=resume,
+                            log_samples=cfg.train.log_samples, on_finish=finish, precision=regime)
         model = accelerator.unwrap_model(model)
         step_offset += m["steps"]
         if m["skipped"]:
@@ -615,7 +624,7 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
         # ZeRO-3 / FSDP: the module keeps only this process's shards once the engine is released; every process
         # continues with the consolidated model (so generation, evaluation and export see whole weights)
         with plain_init():
-            model = VLM.from_pretrained(whole).to(accelerator.device)
+            model = VLM.from_pretrained(whole, trust_remote_code=user_trusts(cfg.model)).to(accelerator.device)
         if whole != out / "model" and accelerator.is_main_process:
             model.save_pretrained(out / "model")
     elif accelerator.is_main_process and cfg.train.save_models:

@@ -59,6 +59,45 @@ class Processor:
                 "image_sizes": torch.tensor([im.size for im in images], dtype=torch.long).view(n, 2),  # (w, h)
                 "tiles_per_image": torch.tensor([len(ts) for ts in tiles], dtype=torch.long)}
 
+    def canvas(self, width: int, height: int) -> tuple[int, str]:
+        """The largest image buffer (in pixels) this processor makes from an image of (width, height), and what
+        it is: known from the header, so an image whose buffer would be too large is refused before decoding
+        (`vlmkit.data.images.check_size`). Pad mode centres the image on a square of its longest side; a tiling
+        mode resizes it onto a canvas of tiles (AnyRes, InternVL) or a patch grid (NaFlex), bounded by its
+        settings; the decoded image itself counts too."""
+        if self.tiling is None:
+            if self.transform.aspect == "pad":
+                side = max(width, height)
+                return side * side, f"padding it to a square (image_aspect pad) needs a {side}x{side} canvas"
+            return width * height, "decoding it needs a buffer"
+        if self.tiling.mode == "anyres":
+            ch, cw = T.select_best_resolution((width, height), self.tiling.pinpoints)
+            tiled, what = ch * cw, f"its AnyRes canvas is {cw}x{ch}"
+        elif self.tiling.mode == "internvl":
+            cols, rows = self.tiling.grid((width, height))  # the budget of a lone image: the largest
+            tiled, what = (self.tiling.tile * cols) * (self.tiling.tile * rows), f"its {cols}x{rows} tile canvas"
+        else:
+            rows, cols = self.tiling.grid((width, height))
+            tiled, what = rows * cols * self.tiling.patch ** 2, f"its {rows}x{cols} patch grid"
+        if tiled > width * height:
+            return tiled, what
+        return width * height, "decoding it needs a buffer"
+
+    def fit_note(self, width: int, height: int, n_images: int = 1) -> str:
+        """What training does with an image of this size, in words (check-data's note on extreme aspect ratios)."""
+        long, short = max(width, height), min(width, height)
+        size = self.transform.size
+        if self.tiling is None:
+            if self.transform.aspect == "pad":
+                return (f"padded to a square, then resized to {size}x{size}: the image fills {100 * short / long:.1f}% "
+                        f"of the input ({max(1, round(size * short / long))} px across its short side)")
+            return f"stretched to {size}x{size}: its short side is magnified {long / short:.0f}x more than its long side"
+        if self.tiling.mode == "naflex":
+            rows, cols = self.tiling.grid((width, height))
+            return f"resized to a {rows}x{cols} patch grid"
+        tiles = self.tiling.num_tiles((width, height), n_images)
+        return f"cut into {tiles} tile(s) of {size}x{size}"
+
     def naflex_pixels(self, resized: list[Image.Image]) -> torch.Tensor:
         """Images already at their NaFlex size -> normalised patch sequences [N, L, p*p*3], each image's
         rows * cols patches first (row-major, channel-last), zero padding after (L: the longest)."""
