@@ -199,6 +199,46 @@ def _worker(model_dir: str, img: str, txt: str, out: str, device: str = "cpu") -
                                                         "batches_with_images": [r["images"] for r in rows]}))
 
 
+# ---- the process group's end ------------------------------------------------------------------------------
+# Run as its own interpreter: a 1-process gloo group (a file rendezvous, no port), a gathered object, then
+# vlmkit.train.run (with a tracker and without). The first atexit handler registered runs last: it reports
+# whether the group was still up after vlmkit's own exit handler.
+EXIT_PROG = """
+import atexit, json, sys
+import torch.distributed as dist
+atexit.register(lambda: print("AT_EXIT", json.dumps(dist.is_initialized()), flush=True))
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+got = [None]
+dist.all_gather_object(got, {"rank": 0})
+from vlmkit.config import load_config
+from vlmkit.train import run
+run(load_config(sys.argv[2]), cpu=True)
+print("AFTER_RUN", json.dumps(dist.is_initialized()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("log_with", [None, "tensorboard"])
+def test_process_group_outlives_run_and_ends_before_interpreter_exit(encoder_dirs, llm_dir, tmp_path, log_with):
+    """A gloo group left to interpreter finalization can abort a finished rank (vlmkit/distributed.py): the
+    accelerator vlmkit makes destroys the group at exit, and run() leaves it up for the caller."""
+    img, _ = write_data(tmp_path / "data", n=4)
+    cfg = {"model": {"encoder": {"name": "clip", "path": encoder_dirs["clip"]}, "connector": {"name": "mlp2x_gelu"},
+                     "llm": {"path": llm_dir}},
+           "stages": [{"name": "s", "train": {"connector": "full"}, "lr": 1e-2, "max_steps": 1,
+                       "global_batch_size": 2, "per_device_batch_size": 2,
+                       "data": {"path": img, "max_length": 64, "num_workers": 0}}],
+           "train": {"output_dir": str(tmp_path / "out"), "log_with": log_with}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", EXIT_PROG, str(tmp_path / "store"), str(tmp_path / "run.yaml")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "AFTER_RUN true" in p.stdout, p.stdout  # the returned accelerator can still synchronise
+    assert "AT_EXIT false" in p.stdout, p.stdout  # destroyed (gloo's threads joined) before finalization
+    assert bool(list((tmp_path / "out").rglob("events.out.tfevents.*"))) == bool(log_with)
+
+
 # ---- compile option ---------------------------------------------------------------------------------------
 def _inductor_cpu_available() -> str | None:
     """None when torch.compile's CPU backend works here, else why not."""

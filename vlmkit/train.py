@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from .config import DataConfig, RunConfig, StageConfig, TrainConfig
 from .data.dataset import ConversationDataset
 from .data.processor import collate
+from .distributed import destroy_at_exit
 from .stages import apply_stage, format_table, param_groups, validate_plan
 
 
@@ -37,6 +38,7 @@ def make_accelerator(cfg: TrainConfig, cpu: bool = False) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     cpu_threads(acc)
+    destroy_at_exit()  # the process group ends before Python finalizes (vlmkit/distributed.py says why)
     return acc
 
 
@@ -547,8 +549,8 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     elif accelerator.is_main_process:
         model.save_pretrained(out / "model")
     accelerator.wait_for_everyone()
-    if cfg.train.log_with:
-        accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): that also destroys the process group, and the
+        tracker.finish()                  # accelerator returned here must still synchronise (it ends at exit)
     return model, accelerator, metrics
 
 
