@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ENCODER_CASES, free_port, model_config
+from conftest import ACCELERATE_LAUNCH, ENCODER_CASES, launch_env, model_config
 from test_train import write_data
 from vlmkit import VLM
 from vlmkit import checkpoint as ckpt
@@ -389,10 +389,9 @@ def _zero3_ready() -> str | None:
 def start_zero3(cfg: str) -> subprocess.Popen:
     """`accelerate launch --config_file recipes/accelerate/zero3.yaml` on 2 GPUs, in its own process group."""
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(root / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
-           "--main_process_port", free_port(), "-m", "vlmkit.cli", "train", cfg]
+    env = launch_env(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")  # standalone rendezvous (conftest)
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(root / "recipes" / "accelerate" / "zero3.yaml"),
+           "--num_processes", "2", "-m", "vlmkit.cli", "train", cfg]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
