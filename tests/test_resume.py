@@ -475,15 +475,15 @@ def test_zero3_sigkill_then_resume_matches_an_uninterrupted_run(encoder_dirs, ll
     assert [r[:2] for r in log] == [r[:2] for r in ref_log] == [(s, k) for s in ("pretrain", "finetune")
                                                               for k in range(1, STEPS + 1)]
     assert samples == ref_samples  # the same samples at every step, on every process
-    for a, b in zip(log, ref_log):
-        assert a[2] == pytest.approx(b[2], rel=2e-2, abs=1e-3), (a, b)  # loss: bf16 engine, NCCL reductions
+    # bit-identical, as on one CPU process: the engine state (fp32 master weights, Adam moments, step) and every
+    # RNG come back exactly, and the same kernels and NCCL reductions run on the same shapes in the same order
+    # (this rests on those being deterministic run to run; the final weights were bit-identical on 2 H200s)
+    assert log == ref_log, [(a, b) for a, b in zip(log, ref_log) if a != b][:3]  # loss, grad norm, lr: floats, ==
     final, ref_final = (load_file(str(o / "model" / "model.safetensors")) for o in (out, ref_out))
     assert final.keys() == ref_final.keys()
     for k in final:
         assert final[k].shape == ref_final[k].shape and final[k].numel() > 0, k
-        torch.testing.assert_close(final[k].float(), ref_final[k].float(), rtol=5e-2, atol=5e-3, msg=k)
-    exact = all(torch.equal(final[k], ref_final[k]) for k in final)
-    print(f"ZeRO-3 resume: final weights bit-identical to the uninterrupted run: {exact}")
+        assert torch.equal(final[k], ref_final[k]), (k, (final[k].float() - ref_final[k].float()).abs().max())
 
     again = done(start_zero3(cfg))  # everything finished: the partitioned model is read back whole
     assert "every stage is finished" in again
