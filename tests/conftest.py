@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -183,14 +184,19 @@ LLM_KW = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidd
               num_key_value_heads=2, max_position_embeddings=256)
 
 
+# ---- several processes on this machine ---------------------------------------------------------------------
+# `accelerate launch` with torch's standalone rendezvous: the launcher binds port 0 and keeps that socket, and
+# the processes connect to it. A port picked here (bound, closed, handed on) can be taken by anyone before the
+# launcher binds it again. accelerate has no flag for it; torchrun takes --standalone from PET_STANDALONE, and
+# accelerate builds torchrun's options over the environment's, so no --main_process_port is given. The
+# processes see a run id other than "none" (TORCHELASTIC_RUN_ID) only under it.
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
-def free_port() -> str:
-    """A free TCP port for a rendezvous (never a fixed one another run may hold)."""
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
+def launch_env(**overrides: str) -> dict:
+    """The environment for an ACCELERATE_LAUNCH subprocess: standalone rendezvous, plus `overrides`."""
+    return dict(os.environ, PET_STANDALONE="1", **overrides)
+
 
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory):

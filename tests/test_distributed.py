@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import free_port, model_config
+from conftest import ACCELERATE_LAUNCH, launch_env, model_config
 from vlmkit import VLM
 from vlmkit.config import DataConfig, StageConfig, TilingConfig, TrainConfig
 from vlmkit.data import ConversationDataset, collate
@@ -126,30 +126,26 @@ def test_connector_computes_in_its_own_dtype(vlm):
 
 # ---- the rule on two processes (DDP over gloo) ---------------------------------------------------------------
 def launch_two(script_args: list[str], env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
-    """This file as a script on 2 gloo processes (accelerate launch), on a free port, one retry when the
-    rendezvous loses a race for it (as tests/test_evaluate.py does). A hang is killed after `timeout` s."""
-    for _ in range(2):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH, "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", free_port(), __file__, *script_args]
-        try:
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
-        except subprocess.TimeoutExpired as e:
-            raise AssertionError(f"2-process training did not finish within {timeout} s (a hang): "
-                                 f"{(e.stderr or b'')[-2000:]!r}") from None
-        if p.returncode == 0 or "EADDRINUSE" not in p.stderr and "address already in use" not in p.stderr:
-            return p
-    return p
+    """This file as a script on 2 gloo processes (accelerate launch, standalone rendezvous: no port is picked
+    and handed on). A hang is killed after `timeout` s."""
+    cmd = [*ACCELERATE_LAUNCH, *LAUNCH, "--num_processes", "2", "--num_machines", "1", __file__, *script_args]
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"2-process training did not finish within {timeout} s (a hang): "
+                             f"{(e.stderr or b'')[-2000:]!r}") from None
 
 
 def test_image_and_text_only_ranks_do_not_hang_and_stay_in_sync(vlm, tmp_path):
     img, txt = write_data(tmp_path / "data")
     vlm.save_pretrained(tmp_path / "model")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))  # vlmkit from this checkout
+    env = launch_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                     PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))  # this checkout
     p = launch_two([str(tmp_path / "model"), img, txt, str(tmp_path / "out"), DEVICE], env)
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads((tmp_path / "out" / "result.json").read_text())
     assert res["world"] == 2 and res["batches_with_images"] == [3 * 2, 0]  # 3 steps x 2 micro-batches each
+    assert res["rendezvous"] not in (None, "none")  # standalone (static would say "none")
     init = VLM.from_pretrained(tmp_path / "model").state_dict()
     r0, r1 = res["connector"]
     if not res["sharded"]:  # ZeRO-3 / FSDP: one gathered copy, nothing to compare between processes
@@ -196,7 +192,48 @@ def _worker(model_dir: str, img: str, txt: str, out: str, device: str = "cpu") -
             conn = [conn[0], conn[0]]
         Path(out, "result.json").write_text(json.dumps({"world": acc.num_processes, "connector": conn,
                                                         "sharded": shards_weights(acc),
+                                                        "rendezvous": os.environ.get("TORCHELASTIC_RUN_ID"),
                                                         "batches_with_images": [r["images"] for r in rows]}))
+
+
+# ---- the process group's end ------------------------------------------------------------------------------
+# Run as its own interpreter: a 1-process gloo group (a file rendezvous, no port), a gathered object, then
+# vlmkit.train.run (with a tracker and without). The first atexit handler registered runs last: it reports
+# whether the group was still up after vlmkit's own exit handler.
+EXIT_PROG = """
+import atexit, json, sys
+import torch.distributed as dist
+atexit.register(lambda: print("AT_EXIT", json.dumps(dist.is_initialized()), flush=True))
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+got = [None]
+dist.all_gather_object(got, {"rank": 0})
+from vlmkit.config import load_config
+from vlmkit.train import run
+run(load_config(sys.argv[2]), cpu=True)
+print("AFTER_RUN", json.dumps(dist.is_initialized()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("log_with", [None, "tensorboard"])
+def test_process_group_outlives_run_and_ends_before_interpreter_exit(encoder_dirs, llm_dir, tmp_path, log_with):
+    """A gloo group left to interpreter finalization can abort a finished rank (vlmkit/distributed.py): the
+    accelerator vlmkit makes destroys the group at exit, and run() leaves it up for the caller."""
+    img, _ = write_data(tmp_path / "data", n=4)
+    cfg = {"model": {"encoder": {"name": "clip", "path": encoder_dirs["clip"]}, "connector": {"name": "mlp2x_gelu"},
+                     "llm": {"path": llm_dir}},
+           "stages": [{"name": "s", "train": {"connector": "full"}, "lr": 1e-2, "max_steps": 1,
+                       "global_batch_size": 2, "per_device_batch_size": 2,
+                       "data": {"path": img, "max_length": 64, "num_workers": 0}}],
+           "train": {"output_dir": str(tmp_path / "out"), "log_with": log_with}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", EXIT_PROG, str(tmp_path / "store"), str(tmp_path / "run.yaml")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "AFTER_RUN true" in p.stdout, p.stdout  # the returned accelerator can still synchronise
+    assert "AT_EXIT false" in p.stdout, p.stdout  # destroyed (gloo's threads joined) before finalization
+    assert bool(list((tmp_path / "out").rglob("events.out.tfevents.*"))) == bool(log_with)
 
 
 # ---- compile option ---------------------------------------------------------------------------------------

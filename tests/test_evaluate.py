@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -48,22 +47,19 @@ def test_evaluate_reports_every_sample(vlm, eval_file, tmp_path):
 
 def test_eval_on_two_processes_equals_one(vlm, eval_file, tmp_path):
     """`accelerate launch` with 2 gloo processes: each answers a shard, the report is the same."""
-    vlm.save_pretrained(tmp_path / "model")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    base = [sys.executable, "-m", "vlmkit.cli", "eval", str(tmp_path / "model"), "--data", str(eval_file),
-            "--max-new-tokens", "3", "--cpu"]
-    subprocess.run(base + ["--output-dir", str(tmp_path / "one")], check=True, env=env, capture_output=True)
-    from conftest import free_port
+    from conftest import ACCELERATE_LAUNCH, launch_env
 
-    for attempt in range(2):  # one retry: a gloo rendezvous can lose a race for its port on a busy machine
-        port = free_port()
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", port]
-        p = subprocess.run(launch + base[1:] + ["--output-dir", str(tmp_path / "two")], env=env, capture_output=True,
-                           text=True)
-        if p.returncode == 0:
-            break
+    vlm.save_pretrained(tmp_path / "model")
+    env = launch_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    base = ["-m", "vlmkit.cli", "eval", str(tmp_path / "model"), "--data", str(eval_file), "--max-new-tokens", "3",
+            "--cpu"]
+    p = subprocess.run([sys.executable, *base, "--output-dir", str(tmp_path / "one")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+              "no", "--dynamo_backend", "no"]  # standalone rendezvous (conftest): no port is picked and handed on
+    p = subprocess.run(launch + base + ["--output-dir", str(tmp_path / "two")], env=env, capture_output=True,
+                       text=True, timeout=300, start_new_session=True)
     assert p.returncode == 0, p.stderr[-3000:]
     one = json.load(open(tmp_path / "one" / "eval.json"))["images"]
     two = json.load(open(tmp_path / "two" / "eval.json"))["images"]

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ENCODER_CASES, free_port, model_config
+from conftest import ACCELERATE_LAUNCH, ENCODER_CASES, launch_env, model_config
 from test_train import write_data
 from vlmkit import VLM
 from vlmkit import checkpoint as ckpt
@@ -60,15 +60,24 @@ def start(cfg: str, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=120)
+# How long a run may take before it counts as a hang. The interrupted runs wait for no more than this or 10x
+# the uninterrupted run's time, whichever is longer (measured first, alone, on the same machine).
+HANG = 300.0
+
+
+def finish(proc: subprocess.Popen, timeout: float = HANG) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the run did not finish within {timeout:.0f} s (a hang): {proc.communicate()[0][-3000:]}")
     assert proc.returncode == 0, out[-3000:]
     return out
 
 
-def kill_at(proc: subprocess.Popen, log: Path, stage: str, step: int) -> None:
+def kill_at(proc: subprocess.Popen, log: Path, stage: str, step: int, timeout: float = HANG) -> None:
     """SIGKILL the run as soon as log.jsonl shows `step` of `stage` (its checkpoint may be half-written)."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if log.exists() and any(r.get("stage") == stage and r.get("step") == step for r in records(log)):
             os.kill(proc.pid, signal.SIGKILL)
@@ -78,7 +87,7 @@ def kill_at(proc: subprocess.Popen, log: Path, stage: str, step: int) -> None:
             pytest.fail(f"the run ended before step {step} of {stage}: {proc.stdout.read()[-3000:]}")
         time.sleep(0.005)
     proc.kill()
-    pytest.fail("timed out waiting for the step")
+    pytest.fail(f"step {step} of {stage} did not come within {timeout:.0f} s (a hang)")
 
 
 def records(path: Path) -> list[dict]:
@@ -119,13 +128,14 @@ def test_sigkill_at_random_steps_then_resume_is_exact(encoder_dirs, llm_dir, res
     k1, k2 = rng.randint(1, STEPS - 1), rng.randint(1, STEPS - 1)
     where = f"(killed at pretrain step {k1} and finetune step {k2}; VLMKIT_RESUME_SEED={seed})"
 
-    reference = start(ref_cfg)  # uninterrupted, concurrently with the interrupted one
+    t0 = time.monotonic()
+    finish(start(ref_cfg))  # uninterrupted, first: the runs never share the CPUs, and its time sets the deadlines
+    limit = max(HANG, 10 * (time.monotonic() - t0))
     p = start(cfg)
-    kill_at(p, out / "log.jsonl", "pretrain", k1)
+    kill_at(p, out / "log.jsonl", "pretrain", k1, limit)
     p = start(cfg)  # the same command
-    kill_at(p, out / "log.jsonl", "finetune", k2)
-    text = finish(start(cfg))
-    finish(reference)
+    kill_at(p, out / "log.jsonl", "finetune", k2, limit)
+    text = finish(start(cfg), limit)
     assert "resuming: stage finetune" in text or "resuming: finished stages: pretrain" in text, text[-2000:]
 
     ref_log, ref_samples = trace(ref_out)
@@ -157,7 +167,7 @@ def test_sigkill_at_random_steps_then_resume_is_exact(encoder_dirs, llm_dir, res
     assert (state["stage"], state["step"], state["epoch"], state["offset"]) == ("pretrain", STEPS - 1, 1, 2)
 
     # started again once more: everything is finished, nothing is retrained
-    again = finish(start(cfg))
+    again = finish(start(cfg), limit)
     assert "every stage is finished" in again
     assert trace(out) == (log, samples)
 
@@ -389,10 +399,9 @@ def _zero3_ready() -> str | None:
 def start_zero3(cfg: str) -> subprocess.Popen:
     """`accelerate launch --config_file recipes/accelerate/zero3.yaml` on 2 GPUs, in its own process group."""
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(root / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2",
-           "--main_process_port", free_port(), "-m", "vlmkit.cli", "train", cfg]
+    env = launch_env(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")  # standalone rendezvous (conftest)
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(root / "recipes" / "accelerate" / "zero3.yaml"),
+           "--num_processes", "2", "-m", "vlmkit.cli", "train", cfg]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -466,15 +475,15 @@ def test_zero3_sigkill_then_resume_matches_an_uninterrupted_run(encoder_dirs, ll
     assert [r[:2] for r in log] == [r[:2] for r in ref_log] == [(s, k) for s in ("pretrain", "finetune")
                                                               for k in range(1, STEPS + 1)]
     assert samples == ref_samples  # the same samples at every step, on every process
-    for a, b in zip(log, ref_log):
-        assert a[2] == pytest.approx(b[2], rel=2e-2, abs=1e-3), (a, b)  # loss: bf16 engine, NCCL reductions
+    # bit-identical, as on one CPU process: the engine state (fp32 master weights, Adam moments, step) and every
+    # RNG come back exactly, and the same kernels and NCCL reductions run on the same shapes in the same order
+    # (this rests on those being deterministic run to run; the final weights were bit-identical on 2 H200s)
+    assert log == ref_log, [(a, b) for a, b in zip(log, ref_log) if a != b][:3]  # loss, grad norm, lr: floats, ==
     final, ref_final = (load_file(str(o / "model" / "model.safetensors")) for o in (out, ref_out))
     assert final.keys() == ref_final.keys()
     for k in final:
         assert final[k].shape == ref_final[k].shape and final[k].numel() > 0, k
-        torch.testing.assert_close(final[k].float(), ref_final[k].float(), rtol=5e-2, atol=5e-3, msg=k)
-    exact = all(torch.equal(final[k], ref_final[k]) for k in final)
-    print(f"ZeRO-3 resume: final weights bit-identical to the uninterrupted run: {exact}")
+        assert torch.equal(final[k], ref_final[k]), (k, (final[k].float() - ref_final[k].float()).abs().max())
 
     again = done(start_zero3(cfg))  # everything finished: the partitioned model is read back whole
     assert "every stage is finished" in again

@@ -181,10 +181,12 @@ def run_pair(cfg: RunConfig, encoder: str, connector: str, eval_data: str, rerun
 
     from accelerate import PartialState
 
+    from .distributed import destroy_at_exit
     from .evaluate import demo_metrics
     from .train import make_accelerator, run
 
     state = PartialState(cpu=cpu)
+    destroy_at_exit()
 
     out = Path(cfg.train.output_dir)
     # what makes a result reusable: the run config, the eval set and anything else that shaped it (demo size)
@@ -309,7 +311,10 @@ def run_ablation(abl: AblationConfig, base: RunConfig, pairs: list[tuple[str, st
     """Every pair in order (see the module docstring); the report is written by the main process."""
     from accelerate import PartialState
 
+    from .distributed import destroy_at_exit
+
     state = PartialState(cpu=cpu)
+    destroy_at_exit()
     out = Path(abl.output_dir)
     rows = []
     for encoder, connector in pairs:

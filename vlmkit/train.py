@@ -25,6 +25,7 @@ from .config import DataConfig, RunConfig, StageConfig, TrainConfig
 from .data.conversation import IGNORE
 from .data.dataset import ConversationDataset
 from .data.processor import collate
+from .distributed import destroy_at_exit
 from .flops import FlopCounter, peak_flops
 from .progress import Meter
 from .stages import apply_stage, format_table, param_groups, validate_plan
@@ -42,6 +43,7 @@ def make_accelerator(cfg: TrainConfig, cpu: bool = False) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     cpu_threads(acc)
+    destroy_at_exit()  # the process group ends before Python finalizes (vlmkit/distributed.py says why)
     return acc
 
 
@@ -630,8 +632,8 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     elif accelerator.is_main_process and cfg.train.save_models:
         model.save_pretrained(out / "model")
     accelerator.wait_for_everyone()
-    if cfg.train.log_with:
-        accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): that also destroys the process group, and the
+        tracker.finish()                  # accelerator returned here must still synchronise (it ends at exit)
     return model, accelerator, metrics
 
 
