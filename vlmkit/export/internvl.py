@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from .export import (WHY_NOT_CONNECTOR, _llm_parts, _prepare, _read_json, build_native, check_llm, from_llava_state,
+from .common import (WHY_NOT_CONNECTOR, _llm_parts, _prepare, _read_json, build_native, check_llm, from_llava_state,
                      import_token_ids, model_card, resolve_template, template_to_jinja, text_config_of, to_llava_state,
                      write_export)
 
@@ -170,7 +170,7 @@ def save_internvl_processor(model, folder: Path, template: str | None = None) ->
     processor, image_seq_length), chat_template.jinja, and preprocessor_config.json (older loaders).
 
     Written directly: building an InternVLProcessor object needs its video processor, i.e. torchvision."""
-    from .data.conversation import get_template
+    from ..data.conversation import get_template
 
     internvl_tokenizer(model, folder)
     ip = internvl_image_processor(model)
@@ -255,11 +255,11 @@ def import_internvl(path: str | os.PathLike, template: str | None = None, dtype:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, InternVLForConditionalGeneration
 
-    from .config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, TilingConfig
-    from .encoders import VisionEncoder
-    from .llm import load_tokenizer
-    from .model import VLM
-    from .registry import CONNECTORS
+    from ..config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, TilingConfig
+    from ..encoders import VisionEncoder
+    from ..llm import load_tokenizer
+    from ..model import VLM
+    from ..registry import CONNECTORS
 
     path = str(path)
     cfg = AutoConfig.from_pretrained(path)

@@ -211,7 +211,7 @@ def _with_bos(body: str, template, tokenizer, image_token: str) -> str:
     """`body` (Jinja) preceded by the BOS text `encode` puts in front (`conversation.bos_text`): the BOS token and,
     for a sentencepiece-style tokenizer, the space that gives the first word its prefix space as at the start of a
     string (none when the rendering starts with the image token)."""
-    from .data.conversation import bos_glue
+    from ..data.conversation import bos_glue
 
     if not (template.add_bos and tokenizer is not None and tokenizer.bos_token):
         return body
@@ -230,7 +230,7 @@ def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) ->
     text equals `conversation.render`'s (BOS text included), so its ids are `encode`'s. A list content
     (`[{"type": "image"}, {"type": "text", ...}]`) becomes `<image>\\n` per image, then the texts.
     """
-    from .data.conversation import PlainTemplate, Template, TokenizerTemplate
+    from ..data.conversation import PlainTemplate, Template, TokenizerTemplate
 
     if isinstance(template, TokenizerTemplate):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -281,7 +281,7 @@ def llava_image_processor(model):
 def llava_processor(model, template: str | None = None):
     from transformers import LlavaProcessor
 
-    from .data.conversation import get_template
+    from ..data.conversation import get_template
 
     tok = model.tokenizer
     chat = template_to_jinja(get_template(template or model.config.template), model.config.llm.image_token, tok)
@@ -310,7 +310,7 @@ def llava_next_image_processor(model):
 def llava_next_processor(model, template: str | None = None):
     from transformers import LlavaNextProcessor
 
-    from .data.conversation import get_template
+    from ..data.conversation import get_template
 
     tok = model.tokenizer
     chat = template_to_jinja(get_template(template or model.config.template), model.config.llm.image_token, tok)
@@ -396,11 +396,11 @@ def llava_next_config(model):
 
 # ---- export ---------------------------------------------------------------------------------
 def _load(model_or_dir):
-    from .model import VLM
+    from ..model import VLM
 
     if isinstance(model_or_dir, VLM):
         return model_or_dir, None
-    from .model import resolve_model_dir
+    from ..model import resolve_model_dir
 
     path = resolve_model_dir(model_or_dir)
     return VLM.from_pretrained(path), path
@@ -546,7 +546,7 @@ def export_model(model_or_dir, out_dir, template: str | None = None) -> Path:
     model, src = _prepare(model_or_dir)
     target = export_target(model)
     if target == "internvl":
-        from .export_internvl import _export_internvl
+        from .internvl import _export_internvl
 
         return _export_internvl(model, src, out_dir, template)
     return (_export_llava_next if target == "llava_next" else _export_llava)(model, src, out_dir, template)
@@ -693,8 +693,8 @@ def _read_text(path: str, name: str) -> str | None:
 
 def infer_template(chat_template: str | None, image_token: str, tokenizer) -> str | None:
     """The registered template whose Jinja rendering is `chat_template`, else None."""
-    from .data.conversation import TokenizerTemplate
-    from .registry import TEMPLATES
+    from ..data.conversation import TokenizerTemplate
+    from ..registry import TEMPLATES
 
     if not chat_template:
         return None
@@ -712,7 +712,7 @@ def infer_template(chat_template: str | None, image_token: str, tokenizer) -> st
 
 def _works_as_tokenizer_template(tokenizer, chat: str | None, image_token: str) -> bool:
     """Whether vlmkit's `tokenizer` template can use `chat` (string contents, growing prefixes)."""
-    from .data.conversation import TokenizerTemplate
+    from ..data.conversation import TokenizerTemplate
 
     if not chat or getattr(tokenizer, "chat_template", None) != chat:
         return False
@@ -776,11 +776,11 @@ def import_llava(path: str | os.PathLike, template: str | None = None, image_asp
     from transformers import (AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration,
                               LlavaNextForConditionalGeneration)
 
-    from .config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, TilingConfig
-    from .encoders import VisionEncoder
-    from .llm import load_tokenizer
-    from .model import VLM
-    from .registry import CONNECTORS
+    from ..config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, TilingConfig
+    from ..encoders import VisionEncoder
+    from ..llm import load_tokenizer
+    from ..model import VLM
+    from ..registry import CONNECTORS
 
     path = str(path)
     cfg = AutoConfig.from_pretrained(path)
@@ -871,7 +871,7 @@ def import_model(path: str | os.PathLike, template: str | None = None, image_asp
 
     mt = AutoConfig.from_pretrained(str(path)).model_type
     if mt == "internvl":
-        from .export_internvl import import_internvl
+        from .internvl import import_internvl
 
         return import_internvl(path, template=template, dtype=dtype)
     if mt in ("llava", "llava_next"):
