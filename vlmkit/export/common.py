@@ -1,14 +1,17 @@
-"""Export to transformers-native models (and import them back).
+"""What every export target shares: the toolkit `llava.py` and `internvl.py` are built from.
 
-    export_model(model_or_dir, out_dir)   picks the target from the model's parts:
-        CLIP / SigLIP + mlp2x_gelu, no tiling            -> LlavaForConditionalGeneration      (export_llava)
-        CLIP / SigLIP + mlp2x_gelu + AnyRes (unpad)      -> LlavaNextForConditionalGeneration  (export_llava_next)
-        InternViT + pixel_shuffle (+ internvl tiling)    -> InternVLForConditionalGeneration   (export_internvl,
-                                                            vlmkit/export_internvl.py)
-    import_model(dir_or_hub_id)           a Llava / LlavaNext / InternVL checkpoint -> VLM, to fine-tune it with vlmkit
+Knows no target (vlmkit.export, the package, is the one place that knows them all and fills `EXPORT_TYPES`):
 
-Each export writes a folder that AutoModelForImageTextToText / AutoProcessor (and so vLLM, SGLang) load
-without vlmkit. Weight names (transformers 5):
+    weights      to_llava_state / from_llava_state: vlmkit names <-> transformers 5 names (same tensors, no copies)
+    checks       check_llm, WHY_NOT_CONNECTOR: the refusals every target shares
+    chat         template_to_jinja (export), resolve_template / infer_template (import)
+    token ids    exported_token_ids, build_native (export), import_token_ids (import): bos / eos / pad from the
+                 tokenizer the model was trained with
+    folders      prepare (load a folder, merge LoRA), write_export (temporary folder, fsync, move into place)
+    model card   model_card (README.md of an export)
+    import       read_processor_config, load_checked_tokenizer, empty_vlm, fill_weights: the steps every reader takes
+
+Weight names (transformers 5):
 
     vlmkit                          Llava / LlavaNext / InternVL
     encoder.model.X              -> model.vision_tower.X
@@ -17,19 +20,15 @@ without vlmkit. Weight names (transformers 5):
     llm.<base_model_prefix>.X    -> model.language_model.X
     llm.<output embeddings>.*    -> lm_head.*
 
-The exported processor reproduces vlmkit's preprocessing (Llava: pad to a square with the mean colour,
-bicubic resize, normalise; LlavaNext: the same AnyRes canvases, base tile first; InternVL: the same
-dynamic tiles, thumbnail last) and its chat template is a Jinja rendering of vlmkit's template that gives
-the same ids as `encode(..., add_generation_prompt=True)`. The text config and generation_config.json hold the
-bos / eos / pad ids of the tokenizer the model was trained with (where the LLM's config says otherwise, the
-tokenizer wins and the export logs the change), so transformers' `generate` stops where vlmkit's does; `import`
-reads them back. A combination no native class can hold raises ValueError naming the part and the reason.
+The chat template is a Jinja rendering of vlmkit's template that gives the same ids as
+`encode(..., add_generation_prompt=True)`. The text config and generation_config.json hold the bos / eos / pad ids
+of the tokenizer the model was trained with (where the LLM's config says otherwise, the tokenizer wins and the
+export logs the change), so transformers' `generate` stops where vlmkit's does; `import` reads them back.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,22 +38,11 @@ from accelerate import init_empty_weights
 
 logger = logging.getLogger(__name__)
 
-# vlmkit encoder kind -> transformers vision model types that Llava (and vLLM's / SGLang's Llava) can hold
-LLAVA_VISION_TYPES = {"clip": ("clip_vision_model",), "siglip2": ("siglip_vision_model",)}
-VISION_TYPE_TO_KIND = {"clip_vision_model": "clip", "siglip_vision_model": "siglip2"}
+# model_type -> transformers class of every export target. Filled by vlmkit.export (the package), which imports
+# the targets; write_export replaces only folders of these types, model_card names the class.
+EXPORT_TYPES: dict[str, str] = {}
 
-_WHY_NOT = {
-    "dinov2": "LlavaForConditionalGeneration would run a DINOv2 tower in transformers, but vLLM's and SGLang's "
-              "Llava accept only CLIP / SigLIP vision towers, so the export would not be servable; and "
-              "DINOv2 with registers has 1 + registers prefix tokens while Llava can drop only the CLS token",
-    "internvit": "InternViT belongs to transformers' InternVLForConditionalGeneration, whose projector is "
-                 "pixel-shuffle + LayerNorm + MLP, not Llava's 2-layer MLP; vLLM's / SGLang's Llava accept only "
-                 "CLIP / SigLIP vision towers",
-    "hf": "Llava's vision tower and vLLM's / SGLang's Llava accept only CLIP / SigLIP vision towers, and a generic "
-          "backbone's token layout (special tokens, feature maps, stages) has no Llava equivalent",
-    "fused": "Llava holds one vision tower; several towers with concatenated features have no native "
-             "transformers (or vLLM / SGLang Llava) equivalent",
-}
+
 # connectors no native class holds, and why (the Llava family needs mlp2x_gelu, InternVL pixel_shuffle)
 WHY_NOT_CONNECTOR = {
     "qformer": "a Q-Former belongs to BLIP-2 / InstructBLIP, whose vision tower, query tokens and LM wiring are "
@@ -66,57 +54,7 @@ WHY_NOT_CONNECTOR = {
 }
 
 
-def export_target(model) -> str:
-    """The native class family a model exports to: llava | llava_next | internvl (checked on export)."""
-    mode = getattr(getattr(model.config, "tiling", None), "mode", "none")
-    if model.encoder.kind == "internvit" or model.config.connector.name == "pixel_shuffle" or mode == "internvl":
-        return "internvl"  # its checks name the part that does not fit
-    return "llava_next" if mode == "anyres" else "llava"
-
-
 # ---- checks ---------------------------------------------------------------------------------
-def check_exportable(model) -> None:
-    """Raise ValueError with the reason when `model` has no exact LlavaForConditionalGeneration equivalent."""
-    mode = getattr(getattr(model.config, "tiling", None), "mode", "none")
-    if mode != "none":
-        raise ValueError(f"cannot export {mode} tiling to Llava: LlavaForConditionalGeneration sees one tile per "
-                         f"image (AnyRes exports to LlavaNextForConditionalGeneration, InternVL tiling to "
-                         f"InternVLForConditionalGeneration: use export_model)")
-    check_llava_parts(model, "Llava")
-
-
-def check_llava_parts(model, target: str = "Llava") -> None:
-    """Encoder, connector and LLM checks shared by Llava and LlavaNext (`target` names the class in errors)."""
-    enc, conn = model.encoder, model.connector
-    name = model.config.connector.name
-    vt = enc.model_type
-    if enc.kind not in LLAVA_VISION_TYPES:
-        raise ValueError(f"cannot export encoder {enc.kind!r} ({vt}) with connector {name!r} to {target}: "
-                         f"{_WHY_NOT.get(enc.kind, f'{target} accepts only CLIP / SigLIP vision towers')}")
-    if vt not in LLAVA_VISION_TYPES[enc.kind]:
-        why = ("SigLIP 2 NaFlex needs pixel_attention_mask and spatial_shapes, which Llava does not pass; "
-               "use a fixed-resolution siglip_vision_model" if vt == "siglip2_vision_model" else
-               f"{target} accepts only {', '.join(t for ts in LLAVA_VISION_TYPES.values() for t in ts)}")
-        raise ValueError(f"cannot export vision model type {vt!r} to {target}: {why}")
-    if enc.num_prefix_tokens not in (0, 1):
-        raise ValueError(f"cannot export {enc.kind!r}: it drops {enc.num_prefix_tokens} prefix tokens, {target}'s "
-                         "vision_feature_select_strategy drops either none ('full') or one CLS token ('default')")
-    if name in WHY_NOT_CONNECTOR:
-        raise ValueError(f"cannot export connector {name!r} to {target}: {WHY_NOT_CONNECTOR[name]}")
-    if name != "mlp2x_gelu" or not hasattr(conn, "linear_1"):
-        raise ValueError(f"cannot export connector {name!r} to {target}: its projector is exactly "
-                         "Linear -> GELU -> Linear (mlp2x_gelu)")
-    if conn.linear_2 is None or len(conn.extra) or conn.linear_1.bias is None or conn.linear_2.bias is None:
-        depth = 1 if conn.linear_2 is None else 2 + len(conn.extra)
-        raise ValueError(f"cannot export mlp2x_gelu with depth {depth} to {target}: its projector "
-                         "has exactly two biased linear layers (depth 2)")
-    if not isinstance(conn.act, torch.nn.GELU) or conn.act.approximate != "none":
-        raise ValueError(f"cannot export the connector: {target}'s projector_hidden_act 'gelu' is the exact GELU")
-    check_llm(model, target)
-    if not -(enc.model.config.num_hidden_layers + 1) <= enc.feature_layer <= enc.model.config.num_hidden_layers:
-        raise ValueError(f"feature_layer {enc.feature_layer} cannot be expressed as vision_feature_layer")
-
-
 def check_llm(model, target: str) -> None:
     llm = model.llm
     if getattr(llm.config, "final_logit_softcapping", None):
@@ -124,26 +62,7 @@ def check_llm(model, target: str) -> None:
                          f"(final_logit_softcapping), which {target}'s lm_head does not")
 
 
-def check_llava_next_exportable(model) -> None:
-    """Raise ValueError with the reason when `model` has no exact LlavaNextForConditionalGeneration equivalent."""
-    t = model.config.tiling
-    if t.mode != "anyres":
-        raise ValueError(f"cannot export {t.mode} tiling to LlavaNext: LlavaNextForConditionalGeneration is AnyRes")
-    if not t.unpad:
-        raise ValueError("cannot export AnyRes with unpad: false to LlavaNext: LlavaNextForConditionalGeneration "
-                         "always crops the padding from the feature grid and appends image_newline after each row "
-                         "(spatial_unpad); vlmkit's `spatial` layout has no native class")
-    if t.anyres_max is not None:
-        raise ValueError(f"cannot export tiling.anyres_max {t.anyres_max} to LlavaNext: the downscale of the feature "
-                         "grid is LLaVA-OneVision's (LlavaOnevisionForConditionalGeneration), which vlmkit does not "
-                         "export (its processor needs a video processor, i.e. torchvision); drop anyres_max for "
-                         "LlavaNext")
-    if model.image_newline is None:
-        raise ValueError("cannot export to LlavaNext: the model has no image_newline")
-    check_llava_parts(model, "LlavaNext")
-
-
-def _llm_parts(llm) -> tuple[str, str]:
+def llm_parts(llm) -> tuple[str, str]:
     """(attribute of the base model, module name of the output embeddings) inside the causal LM."""
     prefix = llm.base_model_prefix
     if not prefix or getattr(llm, prefix, None) is not llm.base_model:
@@ -158,7 +77,7 @@ def _llm_parts(llm) -> tuple[str, str]:
 # ---- weight names ---------------------------------------------------------------------------
 def to_llava_state(model) -> dict[str, torch.Tensor]:
     """vlmkit state dict -> transformers 5 Llava / LlavaNext / InternVL names (same tensors, no copies)."""
-    prefix, head = _llm_parts(model.llm)
+    prefix, head = llm_parts(model.llm)
     out = {}
     for k, v in model.state_dict().items():
         if k.startswith("encoder.model."):
@@ -178,7 +97,7 @@ def to_llava_state(model) -> dict[str, torch.Tensor]:
 
 def from_llava_state(state: dict[str, torch.Tensor], llm) -> dict[str, torch.Tensor]:
     """The reverse of `to_llava_state`."""
-    prefix, head = _llm_parts(llm)
+    prefix, head = llm_parts(llm)
     rules = [("model.vision_tower.", "encoder.model."), ("model.multi_modal_projector.", "connector."),
              ("model.image_newline", "image_newline"),
              ("model.language_model.", f"llm.{prefix}."), ("lm_head.", f"llm.{head}.")]
@@ -191,6 +110,12 @@ def from_llava_state(state: dict[str, torch.Tensor], llm) -> dict[str, torch.Ten
         else:
             raise ValueError(f"cannot import weight {k!r}: not a Llava-family / InternVL weight vlmkit knows")
     return out
+
+
+def text_config_of(llm):
+    cfg = llm.config.__class__.from_dict(llm.config.to_dict())
+    cfg._name_or_path = ""
+    return cfg
 
 
 # ---- chat templates -------------------------------------------------------------------------
@@ -263,172 +188,7 @@ def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) ->
     raise ValueError(f"template {getattr(template, 'name', template)!r} has no Jinja equivalent")
 
 
-# ---- processor ------------------------------------------------------------------------------
-def llava_image_processor(model):
-    """LlavaImageProcessor (PIL backend) with vlmkit's ImageTransform settings."""
-    from transformers.image_utils import PILImageResampling
-    from transformers import LlavaImageProcessorPil
-
-    e = model.encoder
-    size = {"height": e.image_size, "width": e.image_size}
-    return LlavaImageProcessorPil(
-        do_pad=model.config.encoder.image_aspect == "pad", do_resize=True, size=size,
-        resample=PILImageResampling.BICUBIC, do_center_crop=False, crop_size=size,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(e.mean), image_std=list(e.std), do_convert_rgb=True)
-
-
-def llava_processor(model, template: str | None = None):
-    from transformers import LlavaProcessor
-
-    from ..data.conversation import get_template
-
-    tok = model.tokenizer
-    chat = template_to_jinja(get_template(template or model.config.template), model.config.llm.image_token, tok)
-    return LlavaProcessor(image_processor=llava_image_processor(model), tokenizer=tok,
-                          patch_size=model.encoder.patch_size,
-                          vision_feature_select_strategy="default" if model.encoder.num_prefix_tokens else "full",
-                          num_additional_image_tokens=model.encoder.num_prefix_tokens,
-                          chat_template=chat, image_token=model.config.llm.image_token)
-
-
-def llava_next_image_processor(model):
-    """LlavaNextImageProcessor (PIL backend): vlmkit's AnyRes canvases (TileSpec.pinpoints, [height, width]),
-    base tile resized to the tile, the canvas padded with black and cut row-major, normalised."""
-    from transformers import LlavaNextImageProcessorPil
-    from transformers.image_utils import PILImageResampling
-
-    e = model.encoder
-    size = {"height": e.image_size, "width": e.image_size}
-    return LlavaNextImageProcessorPil(
-        image_grid_pinpoints=[list(p) for p in model.tiling.pinpoints], do_resize=True, size=size,
-        resample=PILImageResampling.BICUBIC, do_center_crop=False, crop_size=size,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(e.mean), image_std=list(e.std), do_convert_rgb=True, do_pad=True)
-
-
-def llava_next_processor(model, template: str | None = None):
-    from transformers import LlavaNextProcessor
-
-    from ..data.conversation import get_template
-
-    tok = model.tokenizer
-    chat = template_to_jinja(get_template(template or model.config.template), model.config.llm.image_token, tok)
-    return LlavaNextProcessor(image_processor=llava_next_image_processor(model), tokenizer=tok,
-                              patch_size=model.encoder.patch_size,
-                              vision_feature_select_strategy=_strategy(model),
-                              num_additional_image_tokens=model.encoder.num_prefix_tokens,
-                              chat_template=chat, image_token=model.config.llm.image_token)
-
-
-def _strategy(model) -> str:
-    """Llava's vision_feature_select_strategy: 'default' drops the CLS token (CLIP), 'full' keeps all (SigLIP)."""
-    return "default" if model.encoder.num_prefix_tokens else "full"
-
-
-# ---- config ---------------------------------------------------------------------------------
-def _baked_vision_config_and_state(model):
-    """Vision config (and, for a non-native input size, position embeddings interpolated once)."""
-    e = model.encoder
-    cfg = e.model.config.__class__.from_dict(e.model.config.to_dict())
-    cfg._name_or_path = ""  # not the local path the parts were loaded from
-    extra = {}
-    if e.image_size != e.native_size:
-        # vlmkit interpolates the position table at each forward; Llava does not: store the interpolated table
-        found = [(n, m) for n, m in e.model.named_modules()
-                 if hasattr(m, "interpolate_pos_encoding") and isinstance(getattr(m, "position_embedding", None),
-                                                                          torch.nn.Embedding)]
-        if len(found) != 1:
-            raise ValueError(f"cannot export {e.kind!r} at {e.image_size}px (native {e.native_size}px): Llava does "
-                             "not interpolate position embeddings and vlmkit found no position table to resize")
-        name, emb = found[0]
-        n = (e.image_size // e.patch_size) ** 2
-        dummy = torch.zeros(1, n + e.num_prefix_tokens, emb.embed_dim, dtype=emb.position_embedding.weight.dtype)
-        with torch.no_grad():
-            table = emb.interpolate_pos_encoding(dummy, e.image_size, e.image_size)[0]  # [prefix + n, C]
-        key = f"{name}.position_embedding.weight" if name else "position_embedding.weight"
-        extra["model.vision_tower." + key] = table.contiguous()
-        cfg.image_size = e.image_size
-    return cfg, extra
-
-
-def llava_config(model):
-    from transformers import LlavaConfig
-
-    e, llm = model.encoder, model.llm
-    vision_config, _ = _baked_vision_config_and_state(model)
-    text_config = llm.config.__class__.from_dict(llm.config.to_dict())
-    text_config._name_or_path = ""
-    cfg = LlavaConfig(
-        vision_config=vision_config, text_config=text_config,
-        image_token_id=model.image_token_id, image_seq_length=e.num_tokens,
-        vision_feature_layer=e.feature_layer,
-        vision_feature_select_strategy="default" if e.num_prefix_tokens else "full",
-        projector_hidden_act="gelu", multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
-    )
-    cfg.dtype = next(model.parameters()).dtype
-    return cfg
-
-
-def text_config_of(llm):
-    cfg = llm.config.__class__.from_dict(llm.config.to_dict())
-    cfg._name_or_path = ""
-    return cfg
-
-
-def llava_next_config(model):
-    from transformers import LlavaNextConfig
-
-    e, llm = model.encoder, model.llm
-    vision_config, _ = _baked_vision_config_and_state(model)
-    cfg = LlavaNextConfig(
-        vision_config=vision_config, text_config=text_config_of(llm),
-        image_token_index=model.image_token_id, image_seq_length=e.num_tokens,
-        image_grid_pinpoints=[list(p) for p in model.tiling.pinpoints],
-        vision_feature_layer=e.feature_layer, vision_feature_select_strategy=_strategy(model),
-        projector_hidden_act="gelu", multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
-    )
-    cfg.dtype = next(model.parameters()).dtype
-    return cfg
-
-
-# ---- export ---------------------------------------------------------------------------------
-def _load(model_or_dir):
-    from ..model import VLM
-
-    if isinstance(model_or_dir, VLM):
-        return model_or_dir, None
-    from ..model import resolve_model_dir
-
-    path = resolve_model_dir(model_or_dir)
-    return VLM.from_pretrained(path), path
-
-
-EXPORT_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                "internvl": "InternVLForConditionalGeneration"}
-
-
-def _is_export_dir(path: Path) -> bool:
-    """A folder a previous export wrote (replaced by a new export; anything else is not)."""
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type") in EXPORT_TYPES
-    except (OSError, ValueError):
-        return False
-
-
-def _prepare(model_or_dir):
-    """(model, source folder or None) with LoRA adapters merged (only into a model loaded here)."""
-    model, src = _load(model_or_dir)
-    if getattr(model, "adapters", None):
-        if src is None:
-            raise ValueError(f"the model has LoRA adapters on {sorted(model.adapters)}: call model.merge_lora() "
-                             "first (export does not change the model it is given), or export its saved folder")
-        model.merge_lora()  # a model loaded here: fold the adapters into the weights the native class will hold
-    return model, src
-
-
+# ---- token ids ------------------------------------------------------------------------------
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -473,6 +233,60 @@ def build_native(cls, cfg, state: dict[str, torch.Tensor], tokenizer, generation
     return hf
 
 
+def import_token_ids(path: str, llm, tokenizer) -> None:
+    """The checkpoint's generation settings into the imported LLM (its config, which vlmkit saves, and its
+    generation config): `generation_config.json` where there is one (an export's holds the tokenizer's ids),
+    else the text config's. A checkpoint whose EOS is not the tokenizer's gets a warning: vlmkit's `generate`
+    stops at the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        gen = None
+    if gen is not None:
+        for k in TOKEN_KEYS:
+            if getattr(gen, k, None) is not None:
+                setattr(llm.config, k, getattr(gen, k))
+        llm.generation_config = gen
+    eos = llm.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    if tokenizer.eos_token_id is not None and eos != [None] and tokenizer.eos_token_id not in eos:
+        logger.warning("%s: eos_token_id %s in the checkpoint, but the tokenizer's EOS %r is %d; vlmkit's generate "
+                       "stops at the tokenizer's", path, eos, tokenizer.eos_token, tokenizer.eos_token_id)
+
+
+# ---- folders --------------------------------------------------------------------------------
+def _load(model_or_dir):
+    from ..model import VLM
+
+    if isinstance(model_or_dir, VLM):
+        return model_or_dir, None
+    from ..model import resolve_model_dir
+
+    path = resolve_model_dir(model_or_dir)
+    return VLM.from_pretrained(path), path
+
+
+def prepare(model_or_dir):
+    """(model, source folder or None) with LoRA adapters merged (only into a model loaded here)."""
+    model, src = _load(model_or_dir)
+    if getattr(model, "adapters", None):
+        if src is None:
+            raise ValueError(f"the model has LoRA adapters on {sorted(model.adapters)}: call model.merge_lora() "
+                             "first (export does not change the model it is given), or export its saved folder")
+        model.merge_lora()  # a model loaded here: fold the adapters into the weights the native class will hold
+    return model, src
+
+
+def _is_export_dir(path: Path) -> bool:
+    """A folder a previous export wrote (replaced by a new export; anything else is not)."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") in EXPORT_TYPES
+    except (OSError, ValueError):
+        return False
+
+
 def write_export(out_dir, hf_model, save_processor, card: str) -> Path:
     """Write model + processor (`save_processor(folder)`) + README.md to a temporary folder, then move it
     to `out_dir` (replacing a previous export there, nothing else)."""
@@ -492,64 +306,6 @@ def write_export(out_dir, hf_model, save_processor, card: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _save_processor(processor):
-    def save(folder: Path) -> None:
-        processor.save_pretrained(str(folder))
-        # also the pre-v5 layout (preprocessor_config.json), read by older transformers and other loaders
-        processor.image_processor.save_pretrained(str(folder))
-    return save
-
-
-def export_llava(model_or_dir, out_dir, template: str | None = None) -> Path:
-    """Write a transformers-native Llava checkpoint (weights, config, processor, chat template, model card)."""
-    return _export_llava(*_prepare(model_or_dir), out_dir, template)
-
-
-def _export_llava(model, src, out_dir, template=None) -> Path:
-    from transformers import LlavaForConditionalGeneration
-
-    check_exportable(model)
-    return _write_llava_family(model, src, out_dir, template, LlavaForConditionalGeneration, llava_config(model),
-                               llava_processor(model, template))
-
-
-def _write_llava_family(model, src, out_dir, template, cls, cfg, processor, notes=()) -> Path:
-    """Llava and LlavaNext share the weights layout: the converted state, the native model, the processor
-    files and the model card, written together."""
-    state = to_llava_state(model)
-    state.update(_baked_vision_config_and_state(model)[1])
-    hf = build_native(cls, cfg, state, model.tokenizer, model.llm.generation_config)
-    return write_export(out_dir, hf, _save_processor(processor),
-                        model_card(model, cfg, template or model.config.template, src, notes=notes))
-
-
-def export_llava_next(model_or_dir, out_dir, template: str | None = None) -> Path:
-    """Write a transformers-native LlavaNext checkpoint: AnyRes with unpad and image_newline (LLaVA-NeXT)."""
-    return _export_llava_next(*_prepare(model_or_dir), out_dir, template)
-
-
-def _export_llava_next(model, src, out_dir, template=None) -> Path:
-    from transformers import LlavaNextForConditionalGeneration
-
-    check_llava_next_exportable(model)
-    notes = [f"- AnyRes (LLaVA-NeXT): canvases {[list(p) for p in model.tiling.pinpoints]} ([height, width] px), "
-             "base tile first, padding cropped from the features (unpad), `image_newline` after each feature row"]
-    return _write_llava_family(model, src, out_dir, template, LlavaNextForConditionalGeneration,
-                               llava_next_config(model), llava_next_processor(model, template), notes)
-
-
-def export_model(model_or_dir, out_dir, template: str | None = None) -> Path:
-    """Export to the native class the model's parts fit (see `export_target`); a clear error when none does.
-    Returns the folder written."""
-    model, src = _prepare(model_or_dir)
-    target = export_target(model)
-    if target == "internvl":
-        from .internvl import _export_internvl
-
-        return _export_internvl(model, src, out_dir, template)
-    return (_export_llava_next if target == "llava_next" else _export_llava)(model, src, out_dir, template)
 
 
 # ---- model card -----------------------------------------------------------------------------
@@ -606,14 +362,12 @@ def _token_ids_text(model) -> str:
     return line + (f" (replacing the LLM's own: {'; '.join(changes)})" if changes else "")
 
 
-def model_card(model, cfg, template: str, src: Path | None, notes=()) -> str:
+def model_card(model, cfg, template: str, src: Path | None, notes=(), title: str = "") -> str:
     """README.md of an export: the parts, features, preprocessing, template, usage and the run's metrics.
-    `notes`: extra bullet lines (tiling, known differences)."""
+    `notes`: extra bullet lines (tiling, known differences); `title`: the family in the heading ("LLaVA-style")."""
     e, llm = model.encoder, model.llm
     ec, lc = e.model.config, llm.config
     cls = EXPORT_TYPES.get(cfg.model_type, type(cfg).__name__)
-    title = {"llava": "LLaVA-style", "llava_next": "LLaVA-NeXT-style", "internvl": "InternVL-style"}.get(
-        cfg.model_type, "")
     per = "tile" if model.tiling is not None else "image"
     tiled = model.tiling is not None
     rows = [
@@ -668,7 +422,7 @@ def model_card(model, cfg, template: str, src: Path | None, notes=()) -> str:
 
 
 # ---- import ---------------------------------------------------------------------------------
-def _read_json(path: str, name: str) -> dict | None:
+def read_json(path: str, name: str) -> dict | None:
     from transformers.utils import cached_file
 
     try:
@@ -729,7 +483,7 @@ def resolve_template(path: str, proc_cfg: dict, image_token: str, tokenizer) -> 
     """The vlmkit template of a checkpoint's chat template: a registered one whose rendering it is (an export's),
     else `tokenizer` when it renders plain-string messages as growing prefixes, else vicuna_v1 with a warning."""
     chat = _read_text(path, "chat_template.jinja") or proc_cfg.get("chat_template") or \
-        (_read_json(path, "chat_template.json") or {}).get("chat_template")
+        (read_json(path, "chat_template.json") or {}).get("chat_template")
     template = infer_template(chat, image_token, tokenizer)
     if template is None:
         if _works_as_tokenizer_template(tokenizer, chat, image_token):
@@ -740,140 +494,49 @@ def resolve_template(path: str, proc_cfg: dict, image_token: str, tokenizer) -> 
     return template
 
 
-def import_token_ids(path: str, llm, tokenizer) -> None:
-    """The checkpoint's generation settings into the imported LLM (its config, which vlmkit saves, and its
-    generation config): `generation_config.json` where there is one (an export's holds the tokenizer's ids),
-    else the text config's. A checkpoint whose EOS is not the tokenizer's gets a warning: vlmkit's `generate`
-    stops at the tokenizer's."""
-    from transformers import GenerationConfig
-
-    try:
-        gen = GenerationConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        gen = None
-    if gen is not None:
-        for k in TOKEN_KEYS:
-            if getattr(gen, k, None) is not None:
-                setattr(llm.config, k, getattr(gen, k))
-        llm.generation_config = gen
-    eos = llm.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos]
-    if tokenizer.eos_token_id is not None and eos != [None] and tokenizer.eos_token_id not in eos:
-        logger.warning("%s: eos_token_id %s in the checkpoint, but the tokenizer's EOS %r is %d; vlmkit's generate "
-                       "stops at the tokenizer's", path, eos, tokenizer.eos_token, tokenizer.eos_token_id)
+def read_processor_config(path: str) -> tuple[dict, dict]:
+    """(processor_config.json, the image processor's settings) of a checkpoint: transformers 5 nests the image
+    processor in processor_config.json; older checkpoints have preprocessor_config.json."""
+    proc_cfg = read_json(path, "processor_config.json") or {}
+    return proc_cfg, proc_cfg.get("image_processor") or read_json(path, "preprocessor_config.json") or {}
 
 
-def import_llava(path: str | os.PathLike, template: str | None = None, image_aspect: str | None = None,
-                 dtype: torch.dtype | None = None):
-    """A transformers-native Llava or LlavaNext checkpoint (folder or hub id) -> a vlmkit VLM ready to fine-tune.
-
-    LlavaNext becomes AnyRes tiling (its image_grid_pinpoints, unpad, image_newline).
-
-    template: a registered template name, or None to infer it from the checkpoint's chat template
-    (one written by `export_llava`; otherwise `tokenizer` when the checkpoint's template renders plain-string
-    messages as growing prefixes, else vicuna_v1 with a warning). image_aspect: pad | resize, or None to read it from the image processor.
-    """
-    from transformers import (AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration,
-                              LlavaNextForConditionalGeneration)
-
-    from ..config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, TilingConfig
-    from ..encoders import VisionEncoder
+def load_checked_tokenizer(path: str, image_token: str, image_token_id: int, what: str = "image token"):
+    """The checkpoint's tokenizer with `image_token` (`what` names it in the error), which must have the config's
+    image_token_id."""
     from ..llm import load_tokenizer
+
+    tokenizer = load_tokenizer(path, image_token)
+    if tokenizer.convert_tokens_to_ids(image_token) != image_token_id:
+        raise ValueError(f"{path}: {what} {image_token!r} has id {tokenizer.convert_tokens_to_ids(image_token)} "
+                         f"in the tokenizer but image_token_id {image_token_id} in the config")
+    return tokenizer
+
+
+def empty_vlm(mc, vision_tower, text_config, tokenizer, mean, std):
+    """The VLM that `mc` describes around a checkpoint's vision tower (its loaded weights kept), the LLM and the
+    connector (`mc.connector.options` its arguments) built empty for `fill_weights`."""
+    from transformers import AutoModelForCausalLM
+
+    from ..encoders import VisionEncoder
     from ..model import VLM
     from ..registry import CONNECTORS
 
-    path = str(path)
-    cfg = AutoConfig.from_pretrained(path)
-    if cfg.model_type not in ("llava", "llava_next"):
-        raise ValueError(f"{path}: model_type {cfg.model_type!r}; import_llava reads LlavaForConditionalGeneration "
-                         "and LlavaNextForConditionalGeneration checkpoints (model_type 'llava' / 'llava_next'); "
-                         "import_model reads InternVL too")
-    next_ = cfg.model_type == "llava_next"
-    vt = cfg.vision_config.model_type
-    kind = VISION_TYPE_TO_KIND.get(vt)
-    if kind is None:
-        raise ValueError(f"{path}: vision tower {vt!r}; vlmkit imports CLIP and SigLIP towers")
-    strategy = cfg.vision_feature_select_strategy
-    want = "default" if kind == "clip" else "full"
-    if strategy != want:
-        raise ValueError(f"{path}: vision_feature_select_strategy {strategy!r} with a {vt} tower; vlmkit's {kind} "
-                         f"encoder {'drops' if want == 'default' else 'keeps'} the first token ({want!r})")
-    if not isinstance(cfg.vision_feature_layer, int):
-        raise ValueError(f"{path}: vision_feature_layer {cfg.vision_feature_layer} (several layers concatenated); "
-                         "vlmkit uses one feature layer")
-    if cfg.projector_hidden_act != "gelu" or not cfg.multimodal_projector_bias:
-        raise ValueError(f"{path}: projector {cfg.projector_hidden_act!r} (bias {cfg.multimodal_projector_bias}); "
-                         "vlmkit's mlp2x_gelu is Linear -> exact GELU -> Linear with biases")
-
-    proc_cfg = _read_json(path, "processor_config.json") or {}
-    # transformers 5 nests the image processor in processor_config.json; older checkpoints have preprocessor_config.json
-    pre = proc_cfg.get("image_processor") or _read_json(path, "preprocessor_config.json") or {}
-    image_size = cfg.vision_config.image_size
-    if image_aspect is None and next_:
-        image_aspect = "pad"  # AnyRes tiles are square: the aspect mode does not act on them
-    if image_aspect is None:
-        if pre.get("do_pad"):
-            image_aspect = "pad"
-        elif pre.get("do_center_crop") and "shortest_edge" in (pre.get("size") or {}):
-            # e.g. llava-hf/llava-1.5: shortest-edge resize + centre crop, which vlmkit has no mode for;
-            # LLaVA-1.5 itself was trained with pad
-            logger.warning("%s: the image processor resizes the shortest edge and crops the centre; vlmkit "
-                           "uses 'pad' (as LLaVA-1.5 trained). Pass image_aspect= to choose.", path)
-            image_aspect = "pad"
-        else:
-            image_aspect = "resize"
-    mean, std = pre.get("image_mean"), pre.get("image_std")
-
-    image_token = proc_cfg.get("image_token", "<image>")
-    tokenizer = load_tokenizer(path, image_token)
-    if tokenizer.convert_tokens_to_ids(image_token) != cfg.image_token_id:
-        raise ValueError(f"{path}: image token {image_token!r} has id {tokenizer.convert_tokens_to_ids(image_token)} "
-                         f"in the tokenizer but image_token_id {cfg.image_token_id} in the config")
-    if template is None:
-        template = resolve_template(path, proc_cfg, image_token, tokenizer)
-
-    llava = (LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration).from_pretrained(
-        path, dtype=dtype)
-    tiling = (TilingConfig(mode="anyres", grid_pinpoints=[list(map(int, p)) for p in cfg.image_grid_pinpoints])
-              if next_ else TilingConfig())
-    vision_config, text_config = llava.config.vision_config, llava.config.text_config
-    mc = ModelConfig(
-        encoder=EncoderConfig(name=kind, config=vision_config.to_dict(), feature_layer=cfg.vision_feature_layer,
-                              image_aspect=image_aspect, image_size=image_size,
-                              image_mean=list(mean) if mean else None, image_std=list(std) if std else None),
-        connector=ConnectorConfig("mlp2x_gelu"),
-        llm=LLMConfig(config=text_config.to_dict(), tokenizer=path, image_token=image_token),
-        template=template, tiling=tiling,
-    )
+    e = mc.encoder
     with init_empty_weights(include_buffers=False):
-        encoder = VisionEncoder(kind, llava.model.vision_tower, mc.encoder.feature_layer, image_size, mean, std)
+        encoder = VisionEncoder(e.name, vision_tower, e.feature_layer, e.image_size, mean, std)
         llm = AutoModelForCausalLM.from_config(text_config)
-        connector = CONNECTORS.get("mlp2x_gelu")(encoder.out_dim, text_config.hidden_size)
-        model = VLM(mc, encoder, connector, llm, tokenizer)
-    if model.image_token_id != cfg.image_token_id:
-        raise ValueError(f"{path}: image token id mismatch ({model.image_token_id} vs {cfg.image_token_id})")
-    state = {k: v for k, v in llava.state_dict().items() if not k.startswith("model.vision_tower.")}
-    state = from_llava_state(state, llm)
-    model.assign_weights(state, f"{path}: weights do not fit vlmkit's VLM")
-    import_token_ids(path, llm, tokenizer)
+        connector = CONNECTORS.get(mc.connector.name)(encoder.out_dim, text_config.hidden_size,
+                                                       **mc.connector.options)
+        return VLM(mc, encoder, connector, llm, tokenizer)
+
+
+def fill_weights(model, native, path: str, dtype: torch.dtype | None = None):
+    """`model` (from `empty_vlm`) given the native checkpoint's weights (the projector, image_newline, the LLM:
+    assigned, not copied; the vision tower is the checkpoint's already) and its generation settings; then `dtype`."""
+    state = {k: v for k, v in native.state_dict().items() if not k.startswith("model.vision_tower.")}
+    model.assign_weights(from_llava_state(state, model.llm), f"{path}: weights do not fit vlmkit's VLM")
+    import_token_ids(path, model.llm, model.tokenizer)
     if dtype is not None:
         model.to(dtype)
     return model
-
-
-def import_model(path: str | os.PathLike, template: str | None = None, image_aspect: str | None = None,
-                 dtype: torch.dtype | None = None):
-    """A transformers-native Llava, LlavaNext or InternVL checkpoint (folder or hub id) -> a vlmkit VLM.
-
-    Picks the reader by config.json's model_type; `image_aspect` applies to Llava only (the tiled
-    models' tiles are square)."""
-    from transformers import AutoConfig
-
-    mt = AutoConfig.from_pretrained(str(path)).model_type
-    if mt == "internvl":
-        from .internvl import import_internvl
-
-        return import_internvl(path, template=template, dtype=dtype)
-    if mt in ("llava", "llava_next"):
-        return import_llava(path, template=template, image_aspect=image_aspect, dtype=dtype)
-    raise ValueError(f"{path}: model_type {mt!r}; vlmkit imports {', '.join(EXPORT_TYPES.values())} checkpoints")

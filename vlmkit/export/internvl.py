@@ -31,13 +31,15 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 
-from .common import (WHY_NOT_CONNECTOR, _llm_parts, _prepare, _read_json, build_native, check_llm, from_llava_state,
-                     import_token_ids, model_card, resolve_template, template_to_jinja, text_config_of, to_llava_state,
-                     write_export)
+from .common import (WHY_NOT_CONNECTOR, build_native, check_llm, empty_vlm, fill_weights, llm_parts,
+                     load_checked_tokenizer, model_card, prepare, read_processor_config, resolve_template,
+                     template_to_jinja, text_config_of, to_llava_state, write_export)
 
 logger = logging.getLogger(__name__)
+
+# model_type -> transformers class of the target this file writes (vlmkit.export registers it)
+NATIVE_CLASSES = {"internvl": "InternVLForConditionalGeneration"}
 
 START, END, VIDEO = "<img>", "</img>", "<video>"
 
@@ -95,7 +97,7 @@ def vision_feature_layer(model) -> int:
 # ---- tokens ---------------------------------------------------------------------------------
 def _embedding_key(llm) -> str:
     """InternVL name of the LLM's input embedding weight."""
-    prefix, _ = _llm_parts(llm)
+    prefix, _ = llm_parts(llm)
     emb = llm.get_input_embeddings()
     name = next(n for n, m in llm.named_modules() if m is emb)
     if not name.startswith(prefix + "."):
@@ -207,10 +209,12 @@ def internvl_config(model, vocab_size: int):
 # ---- export ---------------------------------------------------------------------------------
 def export_internvl(model_or_dir, out_dir, template: str | None = None) -> Path:
     """Write a transformers-native InternVL checkpoint (weights, config, processor, chat template, model card)."""
-    return _export_internvl(*_prepare(model_or_dir), out_dir, template)
+    return write_internvl(*prepare(model_or_dir), out_dir, template)
 
 
-def _export_internvl(model, src, out_dir, template=None) -> Path:
+def write_internvl(model, src, out_dir, template=None) -> Path:
+    """`export_internvl` of a model already prepared (`common.prepare`: loaded, LoRA merged); `src` its folder or
+    None."""
     from transformers import InternVLForConditionalGeneration
 
     check_internvl_exportable(model)
@@ -243,7 +247,8 @@ def _export_internvl(model, src, out_dir, template=None) -> Path:
     if missing:
         notes.append(f"- tokens {missing} added by the export (rows = mean of the others; not trained by vlmkit)")
     return write_export(out_dir, hf, lambda folder: save_internvl_processor(model, folder, template),
-                        model_card(model, cfg, template or model.config.template, src, notes=notes))
+                        model_card(model, cfg, template or model.config.template, src, notes=notes,
+                                   title="InternVL-style"))
 
 
 # ---- import ---------------------------------------------------------------------------------
@@ -253,47 +258,24 @@ def import_internvl(path: str | os.PathLike, template: str | None = None, dtype:
     InternViT + pixel_shuffle (downsample_ratio) + the LLM; the image processor's min/max_patches become
     internvl tiling (max_patches 1: no tiling, image_aspect resize); the context token becomes the image token.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, InternVLForConditionalGeneration
+    from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration
 
     from ..config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, TilingConfig
-    from ..encoders import VisionEncoder
-    from ..llm import load_tokenizer
-    from ..model import VLM
-    from ..registry import CONNECTORS
 
     path = str(path)
     cfg = AutoConfig.from_pretrained(path)
-    if cfg.model_type != "internvl":
-        raise ValueError(f"{path}: model_type {cfg.model_type!r}; import_internvl reads InternVLForConditionalGeneration "
-                         "checkpoints (model_type 'internvl')")
-    vc = cfg.vision_config
-    if cfg.vision_feature_select_strategy != "default":
-        raise ValueError(f"{path}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}; vlmkit's "
-                         "internvit encoder drops the CLS token ('default')")
+    _check_importable(path, cfg)
     layer = cfg.vision_feature_layer
-    if not isinstance(layer, int):
-        raise ValueError(f"{path}: vision_feature_layer {layer} (several layers concatenated); vlmkit uses one")
-    if layer == -1 and not vc.use_mean_pooling:
-        raise ValueError(f"{path}: vision_feature_layer -1 reads last_hidden_state after the vision tower's final "
-                         "LayerNorm (use_mean_pooling false); vlmkit reads hidden_states, before that norm")
-    if cfg.projector_hidden_act != "gelu":
-        raise ValueError(f"{path}: projector_hidden_act {cfg.projector_hidden_act!r}; vlmkit's pixel_shuffle uses "
-                         "the exact GELU")
-
-    proc_cfg = _read_json(path, "processor_config.json") or {}
-    pre = proc_cfg.get("image_processor") or _read_json(path, "preprocessor_config.json") or {}
+    proc_cfg, pre = read_processor_config(path)
     size = pre.get("size") or {}
-    image_size = int(size.get("height") or size.get("shortest_edge") or vc.image_size[0])
+    image_size = int(size.get("height") or size.get("shortest_edge") or cfg.vision_config.image_size[0])
     lo, hi = int(pre.get("min_patches", 1)), int(pre.get("max_patches", 12))
     # InternVLProcessor crops to patches by default whatever the image processor says; max_patches 1 gives one tile
     tiling = TilingConfig(mode="internvl", min_tiles=lo, max_tiles=hi) if hi > 1 else TilingConfig()
     mean, std = pre.get("image_mean"), pre.get("image_std")
 
     image_token = getattr(AutoTokenizer.from_pretrained(path), "context_image_token", None) or "<IMG_CONTEXT>"
-    tokenizer = load_tokenizer(path, image_token)
-    if tokenizer.convert_tokens_to_ids(image_token) != cfg.image_token_id:
-        raise ValueError(f"{path}: context token {image_token!r} has id {tokenizer.convert_tokens_to_ids(image_token)} "
-                         f"in the tokenizer but image_token_id {cfg.image_token_id} in the config")
+    tokenizer = load_checked_tokenizer(path, image_token, cfg.image_token_id, what="context token")
     if template is None:
         template = resolve_template(path, proc_cfg, image_token, tokenizer)
 
@@ -308,18 +290,28 @@ def import_internvl(path: str | os.PathLike, template: str | None = None, dtype:
         llm=LLMConfig(config=text_config.to_dict(), tokenizer=path, image_token=image_token),
         template=template, tiling=tiling,
     )
-    with init_empty_weights(include_buffers=False):
-        encoder = VisionEncoder("internvit", hf.model.vision_tower, layer, image_size, mean, std)
-        llm = AutoModelForCausalLM.from_config(text_config)
-        connector = CONNECTORS.get("pixel_shuffle")(encoder.out_dim, text_config.hidden_size, scale=scale)
-        model = VLM(mc, encoder, connector, llm, tokenizer)
+    model = empty_vlm(mc, hf.model.vision_tower, text_config, tokenizer, mean, std)
     seq = proc_cfg.get("image_seq_length")
     if seq is not None and seq != model.count_image_tokens.tokens_per_tile:
         raise ValueError(f"{path}: image_seq_length {seq} in the processor, but the tower and pixel shuffle give "
                          f"{model.count_image_tokens.tokens_per_tile} tokens per {image_size}px tile")
-    state = {k: v for k, v in hf.state_dict().items() if not k.startswith("model.vision_tower.")}
-    model.assign_weights(from_llava_state(state, llm), f"{path}: weights do not fit vlmkit's VLM")
-    import_token_ids(path, llm, tokenizer)
-    if dtype is not None:
-        model.to(dtype)
-    return model
+    return fill_weights(model, hf, path, dtype)
+
+
+def _check_importable(path: str, cfg) -> None:
+    """ValueError naming what vlmkit cannot hold in an InternVL config."""
+    if cfg.model_type not in NATIVE_CLASSES:
+        raise ValueError(f"{path}: model_type {cfg.model_type!r}; import_internvl reads InternVLForConditionalGeneration "
+                         "checkpoints (model_type 'internvl')")
+    if cfg.vision_feature_select_strategy != "default":
+        raise ValueError(f"{path}: vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}; vlmkit's "
+                         "internvit encoder drops the CLS token ('default')")
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"{path}: vision_feature_layer {layer} (several layers concatenated); vlmkit uses one")
+    if layer == -1 and not cfg.vision_config.use_mean_pooling:
+        raise ValueError(f"{path}: vision_feature_layer -1 reads last_hidden_state after the vision tower's final "
+                         "LayerNorm (use_mean_pooling false); vlmkit reads hidden_states, before that norm")
+    if cfg.projector_hidden_act != "gelu":
+        raise ValueError(f"{path}: projector_hidden_act {cfg.projector_hidden_act!r}; vlmkit's pixel_shuffle uses "
+                         "the exact GELU")
