@@ -25,10 +25,10 @@ from .config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, to_d
 from .data.conversation import IGNORE
 from .data.images import ImageTransform
 from .data.processor import Processor
-from .encoders import VisionEncoder, build_encoder, encoder_geometry
+from .models.encoders import VisionEncoder, build_encoder, encoder_geometry
 from .errors import disk_full, is_disk_full, load_file
 from .highres import TileSpec
-from .llm import add_image_token, build_llm, load_tokenizer, prepare_quantized
+from .models.llm import add_image_token, build_llm, load_tokenizer, prepare_quantized
 from .registry import CONNECTORS
 from .security import read_model_folder
 
@@ -632,7 +632,7 @@ class VLM(nn.Module):
             out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False)
             return out.last_hidden_state if base else out.logits
-        from .attention import PACKED_IMPLEMENTATIONS, VARLEN, packed_forward
+        from .models.attention import PACKED_IMPLEMENTATIONS, VARLEN, packed_forward
 
         impl = self.llm.config._attn_implementation
         if impl not in PACKED_IMPLEMENTATIONS:
