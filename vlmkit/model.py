@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,13 +21,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig, to_dict
+from .config import ModelConfig, to_dict
 from .data.conversation import IGNORE
 from .data.images import ImageTransform
 from .data.processor import Processor
 from .models.encoders import VisionEncoder, build_encoder, encoder_geometry
 from .errors import disk_full, is_disk_full, load_file
-from .highres import TileSpec
+from .tiling.counter import ImageTokenCounter
 from .models.llm import add_image_token, build_llm, load_tokenizer, prepare_quantized
 from .registry import CONNECTORS
 from .security import read_model_folder
@@ -60,58 +60,6 @@ def resolve_model_dir(path) -> Path:
     """A model folder, or a run folder holding its final model under model/."""
     path = Path(path)
     return path / "model" if (path / "model" / CONFIG_NAME).exists() else path
-
-
-@dataclass(frozen=True)
-class ImageTokenCounter:
-    """The one place that counts placeholders: (width, height) of an image -> tokens it becomes.
-
-    Used by the data side (to expand `<image>`) and the model side (to check the merge, per image).
-    Without tiling every image is one tile of `tokens_per_tile`; with it the count comes from the
-    TileSpec (AnyRes: tiling.anyres_num_tokens; InternVL: tiles x tokens per tile, the tile budget
-    depending on `n_images`, the number of images in the sample; NaFlex: the connector's count for the
-    image's own patch grid). Picklable, so data-loader workers carry it.
-    """
-
-    grid: tuple[int, int]
-    connector: str
-    options: tuple = ()
-    tiling: TileSpec | None = None
-
-    @property
-    def tokens_per_tile(self) -> int:
-        """Tokens of one tile at the encoder's own grid (naflex: of a square image at its native size)."""
-        return self.tokens_for_grid(self.grid)
-
-    def tokens_for_grid(self, grid: tuple[int, int]) -> int:
-        """Tokens the connector makes of a (rows, cols) patch grid."""
-        return CONNECTORS.get(self.connector).num_tokens(tuple(grid), **dict(self.options))
-
-    def __call__(self, width: int, height: int, n_images: int = 1) -> int:
-        if self.tiling is None:
-            return self.tokens_per_tile
-        if self.tiling.mode == "naflex":  # each image its own patch grid
-            return self.tiling.num_tokens((width, height), self.tokens_for_grid(self.tiling.grid((width, height))))
-        return self.tiling.num_tokens((width, height), self.tokens_per_tile, n_images)
-
-    def num_tiles(self, width: int, height: int, n_images: int = 1) -> int:
-        return 1 if self.tiling is None else self.tiling.num_tiles((width, height), n_images)
-
-    @classmethod
-    def for_config(cls, grid: tuple[int, int], connector: ConnectorConfig, tiling=None,
-                   tile: int | None = None, geometry=None) -> ImageTokenCounter:
-        """`tiling`: a TilingConfig (needs `tile`, the encoder's input side; naflex: `geometry`, the encoder's
-        EncoderGeometry) or a TileSpec; None: no tiling. naflex grids are rounded to the connector's
-        `grid_multiple` (pixel_shuffle: k x k blocks)."""
-        if tiling is not None and not isinstance(tiling, TileSpec):
-            conn = CONNECTORS.get(connector.name)
-            multiple = conn.grid_multiple(**connector.options) if hasattr(conn, "grid_multiple") else 1
-            tiling = TileSpec.from_config(tiling, tile, geometry, multiple)
-        counter = cls(tuple(grid), connector.name, tuple(sorted(connector.options.items())), tiling)
-        tokens = counter.tokens_per_tile  # a connector that cannot take this grid says so now
-        if tiling is not None and tiling.mode == "anyres":
-            TileSpec.feature_side(tokens)  # a clear error now, not at the first image
-        return counter
 
 
 def make_processor(config: ModelConfig, tokenizer, geometry, count_image_tokens: ImageTokenCounter,

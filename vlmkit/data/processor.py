@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from .. import tiling as T
+from ..tiling import functions as T
 from .conversation import IGNORE, encode, get_template, normalize, truncate
 from .images import ImageTransform
 
