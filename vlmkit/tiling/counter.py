@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..config import ConnectorConfig
 from ..registry import CONNECTORS
 from .spec import TileSpec
@@ -43,6 +45,14 @@ class ImageTokenCounter:
             return self.tiling.num_tokens((width, height), self.tokens_for_grid(self.tiling.grid((width, height))))
         return self.tiling.num_tokens((width, height), self.tokens_per_tile, n_images)
 
+    def per_image(self, n_tiles: int, image_sizes=None, images_per_sample=None) -> list[int]:
+        """Tokens of each image of a collated batch: `n_tiles` tiles (no tiling: one per image), `image_sizes`
+        and `images_per_sample` as `image_layout` takes them."""
+        if self.tiling is None:
+            return [self.tokens_per_tile] * n_tiles
+        sizes, n_of = image_layout(image_sizes if n_tiles else [], images_per_sample)
+        return [self(w, h, n) for (w, h), n in zip(sizes, n_of)]
+
     def num_tiles(self, width: int, height: int, n_images: int = 1) -> int:
         return 1 if self.tiling is None else self.tiling.num_tiles((width, height), n_images)
 
@@ -61,3 +71,15 @@ class ImageTokenCounter:
         if tiling is not None and tiling.mode == "anyres":
             TileSpec.feature_side(tokens)  # a clear error now, not at the first image
         return counter
+
+
+def image_layout(image_sizes, images_per_sample=None) -> tuple[list[tuple[int, int]], list[int]]:
+    """Collated `image_sizes` [N, 2] (width, height) and `images_per_sample` [B] (default: all in one sample)
+    -> each image's (width, height) and the number of images in its sample (InternVL's tile budget)."""
+    sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes)
+                                                 else image_sizes)]
+    per_sample = (images_per_sample.tolist() if torch.is_tensor(images_per_sample)
+                  else list(images_per_sample) if images_per_sample is not None else [len(sizes)])
+    if sum(per_sample) != len(sizes):
+        raise ValueError(f"images_per_sample {per_sample} does not add up to the {len(sizes)} image size(s)")
+    return sizes, [n for n in per_sample for _ in range(n)]
