@@ -22,7 +22,7 @@ from test_errors import one_line_error
 from test_resume import PROG, records, small_run, trace, write_run_config
 from test_train import write_data
 from vlmkit import checkpoint as ckpt
-from vlmkit import model as model_mod
+from vlmkit.models import serialization as model_mod
 from vlmkit import preempt
 from vlmkit import train as train_mod
 from vlmkit.cli import main

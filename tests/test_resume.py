@@ -20,7 +20,7 @@ from conftest import ACCELERATE_LAUNCH, ENCODER_CASES, launch_env, model_config
 from test_train import write_data
 from vlmkit import VLM
 from vlmkit import checkpoint as ckpt
-from vlmkit import model as model_mod
+from vlmkit.models import serialization as model_mod
 from vlmkit import train as train_mod
 from vlmkit.config import ComponentPlan, DataConfig, RunConfig, StageConfig, TrainConfig, load_config
 

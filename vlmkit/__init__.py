@@ -1,7 +1,6 @@
 """vlmkit: assemble and train vision-language models from pluggable parts."""
-__version__ = "0.1.0"
-
+from .version import __version__
 from .config import RunConfig, ModelConfig, load_config  # noqa: E402
-from .model import VLM  # noqa: E402
+from .models import VLM, build_vlm, load_vlm  # noqa: E402
 
-__all__ = ["VLM", "RunConfig", "ModelConfig", "load_config", "__version__"]
+__all__ = ["VLM", "build_vlm", "load_vlm", "RunConfig", "ModelConfig", "load_config", "__version__"]

@@ -283,7 +283,7 @@ def targets_from_config(config_path: str, data: list[str] | None = None, **overr
     """Every stage's data with that stage's template, max_length, image folder and pixel limit
     (or the given data files with the overrides). The processor is built without weights."""
     from .config import load_config
-    from .model import build_processor
+    from .models.build import build_processor
 
     cfg = load_config(config_path)
     processor = build_processor(cfg.model)
@@ -304,7 +304,8 @@ def targets_from_model(model_dir: str, data: list[str], trust_remote_code: bool 
     (if it ships any) runs only with `trust_remote_code` (the user's `--trust-remote-code`)."""
     from pathlib import Path
 
-    from .model import CONFIG_NAME, load_processor
+    from .models.build import load_processor
+    from .models.serialization import CONFIG_NAME
 
     d = Path(model_dir)
     if not (d / CONFIG_NAME).exists() and (d / "model" / CONFIG_NAME).exists():

@@ -42,7 +42,8 @@ def cmd_eval(args) -> int:
 
     from .distributed import destroy_at_exit
     from .evaluate import evaluate, markdown_table, write_report
-    from .model import VLM, resolve_model_dir
+    from .models import VLM
+    from .models.build import resolve_model_dir
 
     acc = Accelerator(cpu=args.cpu)
     destroy_at_exit()  # its last step is a collective (the answers gathered): see vlmkit/distributed.py
@@ -64,7 +65,8 @@ def cmd_chat(args) -> int:
     from transformers import TextStreamer
 
     from .data.images import load_image
-    from .model import VLM, resolve_model_dir
+    from .models import VLM
+    from .models.build import resolve_model_dir
 
     model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).eval()
     proc = model.processor()
@@ -100,7 +102,7 @@ def cmd_chat(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import EXPORT_TYPES, export_model
-    from .model import resolve_model_dir
+    from .models.build import resolve_model_dir
 
     from .security import RemoteCodeRefused
 

@@ -212,7 +212,7 @@ class TilingConfig:
             if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
                 raise ConfigError(f"tiling.{key} must be an integer, got {getattr(self, key)!r}")
         if self.mode == "anyres":
-            from .tiling import parse_grid_pinpoints
+            from .tiling.functions import parse_grid_pinpoints
 
             try:
                 if self.grid_pinpoints is not None:

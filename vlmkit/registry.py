@@ -1,4 +1,9 @@
-"""One registry per kind of part. A name is defined once, next to the code it names."""
+"""One registry per kind of part: the tables only. A name is defined once, next to the code it names.
+
+The parts register when `vlmkit.models` is imported (vlmkit's own `__init__` does), so a table is full
+whenever `vlmkit.registry` can be reached; a user connector registers with
+`from vlmkit.registry import CONNECTORS`.
+"""
 from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
@@ -23,33 +28,17 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
-        _load_plugins()
         if name not in self._items:
             raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}")
         return self._items[name]
 
     def names(self) -> list[str]:
-        _load_plugins()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
-        _load_plugins()
         return name in self._items
 
 
 ENCODERS: Registry = Registry("encoder")
 CONNECTORS: Registry = Registry("connector")
 TEMPLATES: Registry = Registry("chat template")
-
-_loaded = False
-
-
-def _load_plugins() -> None:
-    """Import the modules that register parts (encoders, templates, the connectors package)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import connectors  # noqa: F401  (each module in it registers itself)
-    import vlmkit.data.conversation  # noqa: F401
-    import vlmkit.encoders  # noqa: F401

@@ -4,7 +4,7 @@ A template turns messages into pieces `(text, trained)`. The pieces are joined i
 conversation as the exported chat template renders it (BOS written as text in front where the template
 has one), while the character spans of the trained pieces (assistant answers and their end marker) are
 recorded. The string is tokenized once, with offsets, and a token is trained when it starts inside a
-trained span, -100 elsewhere. So the ids are exactly those of the rendered conversation tokenized as one
+trained span, IGNORE (-100) elsewhere. So the ids are exactly those of the rendered conversation tokenized as one
 string, as LLaVA's `tokenizer(prompt)` and a served model's chat template give them (a sentencepiece-style
 tokenizer tokenizes `</s>USER:` differently from a separate `USER:`), and the labels come from the spans,
 not from re-tokenizing and counting. Each `<image>` (one token of the tokenizer) becomes exactly the

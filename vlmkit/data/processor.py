@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from .. import tiling as T
+from ..tiling import functions as T
 from .conversation import IGNORE, encode, get_template, normalize, truncate
 from .images import ImageTransform
 
@@ -123,7 +123,7 @@ def pad_patches(seqs: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 def collate(samples: list[dict], pad_id: int, padding_side: str = "right", pack: bool = False,
             max_tokens: int = 0) -> dict:
-    """Pad ids (pad_id) and labels (-100) to the longest sample; stack all images in sample order.
+    """Pad ids (pad_id) and labels (IGNORE) to the longest sample; stack all images in sample order.
 
     Samples that a dataset skipped (`{"skipped": ...}`) are left out and listed under `skipped`.
     With `pack`, see `collate_packed` (`max_tokens`: its row budget).
@@ -137,7 +137,7 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right", pack:
     T = max(len(s["input_ids"]) for s in kept)
     B = len(kept)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), -100, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     for r, s in enumerate(kept):
         n = len(s["input_ids"])
@@ -164,8 +164,8 @@ def collate_packed(samples: list[dict], pad_id: int, max_tokens: int = 0, pad_to
     Besides collate's keys: `position_ids` [R, L] restarting at 0 at each sample, `cu_seqlens` int32 [S+1]
     (sample boundaries over the flattened rows) and `max_seqlen`. Rows are right-padded to the longest (and to a
     multiple of `pad_to_multiple_of`); a row's padding belongs to its last sample (positions continue, labels
-    -100), so it is never attended to by a real token. `attention_mask` marks real tokens (1) for counting: the
-    model attends by sample, not by this mask. Each sample's first label is -100: in a padded batch it is never
+    IGNORE), so it is never attended to by a real token. `attention_mask` marks real tokens (1) for counting: the
+    model attends by sample, not by this mask. Each sample's first label is IGNORE: in a padded batch it is never
     a target; here it would be the target of the previous sample's last token.
     """
     kept = [s for s in samples if "skipped" not in s]
@@ -186,7 +186,7 @@ def collate_packed(samples: list[dict], pad_id: int, max_tokens: int = 0, pad_to
     L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
     R = len(rows)
     ids = torch.full((R, L), pad_id, dtype=torch.long)
-    labels = torch.full((R, L), -100, dtype=torch.long)
+    labels = torch.full((R, L), IGNORE, dtype=torch.long)
     mask = torch.zeros((R, L), dtype=torch.long)
     pos = torch.zeros((R, L), dtype=torch.long)
     cu = [0]
@@ -197,7 +197,7 @@ def collate_packed(samples: list[dict], pad_id: int, max_tokens: int = 0, pad_to
             n = len(s["input_ids"])
             ids[r, off:off + n] = s["input_ids"]
             labels[r, off:off + n] = s["labels"]
-            labels[r, off] = -100
+            labels[r, off] = IGNORE
             mask[r, off:off + n] = 1
             end = L if j == len(row) - 1 else off + n  # the row's padding joins its last sample
             pos[r, off:end] = torch.arange(end - off)
