@@ -442,11 +442,12 @@ class TrainConfig:
     """Write each stage's model folder and output_dir/model. false: nothing is saved and a rerun cannot resume
     (benchmarks, dry runs)."""
 
-    def __post_init__(self):
-        from .training.precision import REGIMES
+    PRECISIONS = ("auto", "bf16-master", "autocast", "bf16-pure", "fp32")
+    """The values `precision` takes (a class constant, not a field; vlmkit/training/precision.py implements them)."""
 
-        if self.precision not in REGIMES:
-            raise ConfigError(f"train.precision must be one of {', '.join(REGIMES)}, got {self.precision!r}")
+    def __post_init__(self):
+        if self.precision not in self.PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(self.PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints must be an integer >= 1, got {self.keep_checkpoints!r}")
         if self.resume is True or self.resume is False:  # YAML true / false

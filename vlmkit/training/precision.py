@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-REGIMES = ("auto", "bf16-master", "autocast", "bf16-pure", "fp32")
+from ..config import TrainConfig
+
+REGIMES = TrainConfig.PRECISIONS  # train.precision's values, listed where the config checks them
 DESCRIPTION = {
     "bf16-master": "bf16 weights and matrix work; fp32 master weights and optimizer states for the trained parameters",
     "autocast": "fp32 weights, matrix work under torch.autocast",
