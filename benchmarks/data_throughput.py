@@ -255,7 +255,7 @@ def build_loader(mode: str, files: dict, workers: int, batch: int, pack: bool):
     """(loader, processor, data config, model config) for `mode`: the dataset and DataLoader `vlmkit.train.run`
     would make for it."""
     from vlmkit.model import build_processor
-    from vlmkit.train import make_dataset, make_loader
+    from vlmkit.training.batches import make_dataset, make_loader
 
     cfg = model_config(mode, files["tokenizer"])
     processor = build_processor(cfg)

@@ -164,12 +164,12 @@ def main(argv=None) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     from vlmkit.data.processor import collate
-    from vlmkit.stages import apply_stage, format_table, param_groups, validate_plan
+    from vlmkit.training.stages import apply_stage, format_table, param_groups, validate_plan
 
     acc, world, rank = None, 1, 0
     if a.distributed:
         from vlmkit.config import TrainConfig
-        from vlmkit.train import make_accelerator
+        from vlmkit.training.engine import make_accelerator
 
         acc = make_accelerator(TrainConfig(log_with=None), cpu=a.device == "cpu")
         world, rank = acc.num_processes, acc.process_index
@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, betas=(0.9, 0.999), fused=cuda)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(stage.warmup_ratio * stage.max_steps), stage.max_steps)
     if acc is not None:
-        from vlmkit.train import configure_engine, engine
+        from vlmkit.training.engine import configure_engine, engine
 
         configure_engine(acc, a.batch, 1, stage.max_grad_norm, model.llm.config.hidden_size)
         model, opt = acc.prepare(model, opt)

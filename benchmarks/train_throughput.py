@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
         os.environ["VLMKIT_PEAK_TFLOPS"] = str(a.peak)  # the loop's own MFU uses the same peak
         import torch
 
-        from vlmkit.train import run
+        from vlmkit.training.run import run
 
         t0 = time.perf_counter()
         if a.via_recipe:

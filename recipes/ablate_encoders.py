@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vlmkit.ablation import load_ablation, run_ablation  # noqa: E402
+from vlmkit.experiments.ablation import load_ablation, run_ablation  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,7 +47,7 @@ def main(argv=None):
     if abl.demo is not None:
         from accelerate import PartialState
 
-        from vlmkit.data.demo import prepare, relocate
+        from vlmkit.experiments.demo import prepare, relocate
 
         out = Path(abl.output_dir)
         relocate(base, out)

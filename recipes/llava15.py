@@ -16,9 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from vlmkit.config import add_resume_args, apply_run_args, load_config  # noqa: E402
-from vlmkit.data.demo import prepare, relocate  # noqa: E402
-from vlmkit.evaluate import demo_metrics  # noqa: E402
-from vlmkit.train import make_accelerator, run  # noqa: E402
+from vlmkit.experiments.demo import prepare, relocate  # noqa: E402
+from vlmkit.experiments.metrics import demo_metrics  # noqa: E402
+from vlmkit.training.engine import make_accelerator  # noqa: E402
+from vlmkit.training.run import run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vlmkit import tiling_demo  # noqa: E402
+from vlmkit.experiments import tiling_demo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from vlmkit.config import RunConfig, add_resume_args, apply_run_args, load_stages  # noqa: E402
 from vlmkit.model import VLM, resolve_model_dir  # noqa: E402
-from vlmkit.train import make_accelerator, run  # noqa: E402
+from vlmkit.training.engine import make_accelerator  # noqa: E402
+from vlmkit.training.run import run  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NEW_TYPE = "count_color"  # "How many red shapes are there?": never asked in the llava15 demo
@@ -28,7 +29,7 @@ NEW_TYPE = "count_color"  # "How many red shapes are there?": never asked in the
 
 def make_new_type_data(out: Path, n_train: int, n_eval: int, size: int, seed: int = 1) -> tuple[str, str]:
     """Fresh scenes with a question type the base model never saw; words all in the demo's vocabulary."""
-    from vlmkit.data.demo import NUMBERS, draw_scene, record, write_splits
+    from vlmkit.experiments.demo import NUMBERS, draw_scene, record, write_splits
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

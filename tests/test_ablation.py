@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlmkit import ablation
-from vlmkit.ablation import AblationConfig, load_ablation, run_ablation
+from vlmkit.experiments import ablation
+from vlmkit.experiments.ablation import AblationConfig, load_ablation, run_ablation
 from vlmkit.config import ConfigError, RunConfig, from_dict
 from vlmkit.registry import CONNECTORS, ENCODERS
 
@@ -53,7 +53,7 @@ def test_selection_and_errors():
 
 @pytest.fixture()
 def tiny_ablation(tmp_path):
-    from vlmkit.data.demo import corpus, make_demo_data, train_tokenizer
+    from vlmkit.experiments.demo import corpus, make_demo_data, train_tokenizer
 
     paths = make_demo_data(tmp_path / "data", n_train=24, n_eval=3, size=16, seed=0, jitter=0.0)
     tok = train_tokenizer(corpus([paths["captions"], paths["train"], paths["eval"]]), tmp_path / "tokenizer")
@@ -103,7 +103,7 @@ def test_ablation_trains_reports_and_reuses(tiny_ablation, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a finished pair was trained again")
 
-    monkeypatch.setattr("vlmkit.train.run", no_training)
+    monkeypatch.setattr("vlmkit.training.run.run", no_training)  # where run_pair looks it up
     again, _ = run_ablation(abl, base, pairs, cpu=True)
     assert again == rows
 
@@ -122,15 +122,15 @@ def test_ablation_trains_reports_and_reuses(tiny_ablation, monkeypatch):
     monkeypatch.undo()
     abl.connectors["mlp"] = {"name": "mlp2x_gelu", "options": {"depth": 1}}
     seen = []
-    import vlmkit.train
+    import vlmkit.training.run
 
-    real = vlmkit.train.run
+    real = vlmkit.training.run.run
 
     def spy(cfg, **kw):
         seen.append(cfg.train.resume)
         return real(cfg, **kw)
 
-    monkeypatch.setattr("vlmkit.train.run", spy)
+    monkeypatch.setattr("vlmkit.training.run.run", spy)
     changed, _ = run_ablation(abl, base, [("clip", "mlp")], cpu=True)
     assert seen == ["never"] and changed[0]["trainable_params"] < rows[0]["trainable_params"]
     saved = json.loads((out / "clip__mlp" / ablation.CONFIG_NAME).read_text())

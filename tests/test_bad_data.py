@@ -14,7 +14,8 @@ from PIL import Image
 
 from test_check_data import bomb_png
 from test_resume import small_run
-from vlmkit import train as train_mod
+from vlmkit.training.batches import make_dataset
+from vlmkit.training.run import run
 from vlmkit.check_data import Target, check_dataset
 from vlmkit.cli import main
 from vlmkit.config import ConfigError, DataConfig
@@ -124,13 +125,13 @@ def test_parse_errors_name_the_file_and_the_line(processor, tmp_path):
     good = json.dumps({"id": "a", "conversations": GOOD})
     (tmp_path / "d.jsonl").write_text("\n".join([good, "", good, "", '{"id": "b", oops}', good]) + "\n")
     with pytest.raises(DatasetError, match=r"d\.jsonl: invalid JSON at line 5, column"):
-        train_mod.make_dataset(DataConfig(path=str(tmp_path / "d.jsonl")), processor)
+        make_dataset(DataConfig(path=str(tmp_path / "d.jsonl")), processor)
     (tmp_path / "latin.json").write_bytes(b'[{"id": "caf\xe9"}]')
     with pytest.raises(DatasetError, match=r"latin\.json: not UTF-8 text: byte 0xe9 at line 1, column 13"):
-        train_mod.make_dataset(DataConfig(path=str(tmp_path / "latin.json")), processor)
+        make_dataset(DataConfig(path=str(tmp_path / "latin.json")), processor)
     (tmp_path / "lines.json").write_text(good + "\n" + good + "\n")
     with pytest.raises(DatasetError, match=r"lines\.json: invalid JSON at line 2.*name the file \.jsonl"):
-        train_mod.make_dataset(DataConfig(path=str(tmp_path / "lines.json")), processor)
+        make_dataset(DataConfig(path=str(tmp_path / "lines.json")), processor)
 
 
 def test_an_empty_dataset_is_a_clear_error_in_check_data_and_training(encoder_dirs, llm_dir, vlm, tmp_path, capsys):
@@ -140,7 +141,7 @@ def test_an_empty_dataset_is_a_clear_error_in_check_data_and_training(encoder_di
     assert "empty_dataset" in capsys.readouterr().out
     cfg = small_run(encoder_dirs, llm_dir, data, tmp_path / "run")
     with pytest.raises(DatasetError, match=r"empty\.json: the dataset holds no samples"):
-        train_mod.run(cfg, cpu=True)
+        run(cfg, cpu=True)
 
 
 # ---- 8. notes that say what training does ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from PIL import Image
 
 from conftest import model_config
 from test_check_data import bomb_png, exif_image
-from vlmkit import train as train_mod
+from vlmkit.training.run import run
 from vlmkit.check_data import Target, check_dataset, check_sample
 from vlmkit.cli import main
 from vlmkit.config import DataConfig, RunConfig, StageConfig, TrainConfig
@@ -339,7 +339,7 @@ def test_training_on_the_whole_corpus_skips_each_bad_sample_once(encoder_dirs, l
                      lr=1e-3, epochs=3, global_batch_size=16, per_device_batch_size=16, warmup_ratio=0.0)
     cfg = RunConfig(model=model_config(encoder_dirs["clip"], llm_dir), stages=[st],
                     train=TrainConfig(output_dir=str(tmp_path / "run"), log_with=None, log_every=1))
-    _, _, metrics = train_mod.run(cfg, cpu=True)
+    _, _, metrics = run(cfg, cpu=True)
     skipped = metrics[0]["skipped"]
     assert sorted(s["index"] for s in skipped) == sorted(bad)  # each once, over 3 epochs
     assert {s["index"]: s["kind"] for s in skipped} == bad

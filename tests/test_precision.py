@@ -13,8 +13,8 @@ import torch
 from conftest import model_config
 from test_train import stage, write_data
 from vlmkit import VLM
-from vlmkit import precision as prec
-from vlmkit import train as train_mod
+from vlmkit.training import precision as prec
+from vlmkit.training.run import run
 from vlmkit.config import RunConfig, TrainConfig
 
 STEPS = 40
@@ -27,7 +27,7 @@ def _train(encoder_dirs, llm_dir, data, out, mixed, precision):
                     train=TrainConfig(output_dir=str(out), log_with=None, log_every=1, seed=0,
                                       mixed_precision=mixed, precision=precision, save_models=False))
     torch.manual_seed(0)
-    model, acc, metrics = train_mod.run(cfg, cpu=True)
+    model, acc, metrics = run(cfg, cpu=True)
     losses = [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()]
     return model, metrics[0], losses
 

@@ -21,10 +21,10 @@ import yaml
 from test_errors import one_line_error
 from test_resume import PROG, records, small_run, trace, write_run_config
 from test_train import write_data
-from vlmkit import checkpoint as ckpt
+from vlmkit.training import checkpoint as ckpt
 from vlmkit.models import serialization as model_mod
 from vlmkit import preempt
-from vlmkit import train as train_mod
+from vlmkit.training.run import run
 from vlmkit.cli import main
 from vlmkit.errors import DiskFullError
 
@@ -34,7 +34,7 @@ def _stopped_run(encoder_dirs, llm_dir, caps, out, steps=5):
     """A 5-step run with a checkpoint after every step, then made to look stopped after step 4 (checkpoints 3
     and 4 kept, no finished marker)."""
     cfg = small_run(encoder_dirs, llm_dir, caps, out, steps=steps)
-    train_mod.run(cfg, cpu=True)
+    run(cfg, cpu=True)
     (out / "s1" / ckpt.STATE_NAME).unlink()
     return cfg
 
@@ -42,7 +42,7 @@ def _stopped_run(encoder_dirs, llm_dir, caps, out, steps=5):
 def test_a_damaged_newest_checkpoint_is_named_and_passed_over(encoder_dirs, llm_dir, tmp_path, capsys):
     caps, _ = write_data(tmp_path / "data", n=12)
     ref = tmp_path / "ref"
-    train_mod.run(small_run(encoder_dirs, llm_dir, caps, ref, steps=5), cpu=True)
+    run(small_run(encoder_dirs, llm_dir, caps, ref, steps=5), cpu=True)
     damages = {"truncated weights": lambda c: (c / "model.safetensors").write_bytes(
                    (c / "model.safetensors").read_bytes()[:5000]),
                "missing optimizer": lambda c: (c / "optimizer.pt").unlink(),
@@ -54,7 +54,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_passed_over(encoder_dirs, llm_
         newest = out / "checkpoints" / "s1" / "checkpoint-4"
         damage(newest)
         capsys.readouterr()
-        train_mod.run(cfg, cpu=True)
+        run(cfg, cpu=True)
         said = capsys.readouterr().out
         assert f"resume: {newest}" in said and "damaged, passed over" in said, (what, said)
         assert "resuming: stage s1 at step 3/5" in said, (what, said)
@@ -65,7 +65,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_passed_over(encoder_dirs, llm_
     for c in (out / "checkpoints" / "s1").iterdir():
         (c / "model.safetensors").write_bytes(b"")
     capsys.readouterr()
-    train_mod.run(cfg, cpu=True)
+    run(cfg, cpu=True)
     said = capsys.readouterr().out
     assert said.count("damaged, passed over") == 2 and "starts from its beginning" in said
     assert trace(out) == trace(ref)
@@ -193,7 +193,7 @@ def test_a_full_disk_is_named_and_nothing_saved_is_touched(encoder_dirs, llm_dir
     else:
         monkeypatch.setattr(ckpt, "torch_writer", full_torch_writer)
     with pytest.raises(DiskFullError) as ei:
-        train_mod.run(cfg, cpu=True)
+        run(cfg, cpu=True)
     msg = str(ei.value)
     assert "no space left on device while writing" in msg and "checkpoint-3" in msg
     ckpts = out / "checkpoints" / "s1"

@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from conftest import ACCELERATE_LAUNCH, ENCODER_CASES, launch_env, model_config
 from test_train import write_data
 from vlmkit import VLM
-from vlmkit import checkpoint as ckpt
+from vlmkit.training import checkpoint as ckpt
 from vlmkit.models import serialization as model_mod
-from vlmkit import train as train_mod
+from vlmkit.training import loop
+from vlmkit.training.run import run
 from vlmkit.config import ComponentPlan, DataConfig, RunConfig, StageConfig, TrainConfig, load_config
 
 STEPS = 8
@@ -199,7 +200,7 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_whole(encoder_
 
     monkeypatch.setattr(model_mod, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
-        train_mod.run(cfg, cpu=True)
+        run(cfg, cpu=True)
     ckpts = out / "checkpoints" / "s1"
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no partial one
     good = VLM.from_pretrained(ckpts / "checkpoint-2")
@@ -213,14 +214,14 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_whole(encoder_
     (out / ".model.abc").mkdir()
     assert ckpt.find_resume(out, ["s1"]).checkpoint == ckpts / "checkpoint-2"
     monkeypatch.setattr(model_mod, "save_file", real)
-    _, _, metrics = train_mod.run(cfg, cpu=True)
+    _, _, metrics = run(cfg, cpu=True)
     assert not junk.exists() and not (out / ".model.abc").exists()
     assert [r["step"] for r in records(out / "log.jsonl")] == [1, 2, 3, 4, 5]
     assert metrics[0]["steps"] == 5
 
     # reference: the same run uninterrupted
     ref = tmp_path / "ref"
-    train_mod.run(small_run(encoder_dirs, llm_dir, caps, ref, steps=5), cpu=True)
+    run(small_run(encoder_dirs, llm_dir, caps, ref, steps=5), cpu=True)
     assert trace(out) == trace(ref)
 
 
@@ -239,7 +240,7 @@ def test_nan_loss_stops_with_step_and_samples_and_keeps_the_last_good_checkpoint
 
     monkeypatch.setattr(VLM, "forward", nan_on_step_3)
     with pytest.raises(FloatingPointError) as err:
-        train_mod.run(cfg, cpu=True)
+        run(cfg, cpu=True)
     msg = str(err.value)
     ids = json.loads(Path(caps).read_text())
     assert "at step 3" in msg and "nan" in msg and "kept intact" in msg and "checkpoint-2" in msg, msg
@@ -254,9 +255,9 @@ def test_nan_loss_stops_with_step_and_samples_and_keeps_the_last_good_checkpoint
 
     # the cause removed, the same command continues from the last good checkpoint
     monkeypatch.setattr(VLM, "forward", real)
-    train_mod.run(cfg, cpu=True)
+    run(cfg, cpu=True)
     ref = tmp_path / "ref"
-    train_mod.run(small_run(encoder_dirs, llm_dir, caps, ref, steps=4), cpu=True)
+    run(small_run(encoder_dirs, llm_dir, caps, ref, steps=4), cpu=True)
     assert trace(out) == trace(ref)
 
 
@@ -283,7 +284,7 @@ def test_skipped_samples_are_listed_and_empty_micro_batches_replaced(encoder_dir
         return real(self, *a, **k)
 
     monkeypatch.setattr(VLM, "forward", counting)
-    _, _, metrics = train_mod.run(cfg, cpu=True)  # 1 sample per micro-batch: many are empty
+    _, _, metrics = run(cfg, cpu=True)  # 1 sample per micro-batch: many are empty
     assert len(forwards) == 10 * 2  # exactly accum forward passes per step
     steps = records(out / "samples.jsonl")
     assert [len(r["ids"][0]) for r in steps] == [2] * 10
@@ -307,25 +308,25 @@ def test_all_bad_data_stops_instead_of_looping(encoder_dirs, llm_dir, tmp_path):
     cfg = RunConfig(model=model_config(encoder_dirs["clip"], llm_dir), stages=[st],
                     train=TrainConfig(output_dir=str(tmp_path / "run"), log_with=None))
     with pytest.raises(RuntimeError, match="every sample skipped"):
-        train_mod.run(cfg, cpu=True)
+        run(cfg, cpu=True)
 
 
 def test_resume_refuses_a_changed_run_and_no_resume_starts_over(encoder_dirs, llm_dir, resume_data, tmp_path):
     caps, _ = resume_data
     out = tmp_path / "run"
     cfg = small_run(encoder_dirs, llm_dir, caps, out, steps=3)
-    train_mod.run(cfg, cpu=True)
+    run(cfg, cpu=True)
     # remove the finished marker: the run now looks stopped after checkpoint-2
     (out / "s1" / ckpt.STATE_NAME).unlink()
     changed = small_run(encoder_dirs, llm_dir, caps, out, steps=3)
     changed.stages[0].global_batch_size = 8
     with pytest.raises(ValueError, match="accum"):
-        train_mod.run(changed, cpu=True)
+        run(changed, cpu=True)
     fresh = small_run(encoder_dirs, llm_dir, caps, out, steps=3, resume="never")
-    train_mod.run(fresh, cpu=True)
+    run(fresh, cpu=True)
     assert [r["step"] for r in records(out / "log.jsonl")] == [1, 2, 3]
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_mod.run(small_run(encoder_dirs, llm_dir, caps, tmp_path / "empty", resume="latest"), cpu=True)
+        run(small_run(encoder_dirs, llm_dir, caps, tmp_path / "empty", resume="latest"), cpu=True)
     # an explicit checkpoint path
     (out / "s1" / ckpt.STATE_NAME).unlink()
     point = ckpt.find_resume(out, ["s1"], str(out / "checkpoints" / "s1" / "checkpoint-1"))
@@ -366,16 +367,16 @@ def test_a_finished_stage_is_not_rerun_and_the_next_starts_from_it(encoder_dirs,
     cfg.stages.append(StageConfig(name="s2", train={"connector": "full", "llm": {"mode": "lora", "r": 4, "dropout": 0.1}},
                                   data=DataConfig(path=qa, max_length=128, num_workers=0, on_bad_sample="skip"),
                                   lr=1e-2, max_steps=3, global_batch_size=4, per_device_batch_size=2))
-    train_mod.run(cfg, cpu=True)
+    run(cfg, cpu=True)
     out = tmp_path / "run"
     shutil.copytree(ref, out)
     for d in ("s2", "model", "checkpoints/s2"):
         shutil.rmtree(out / d)
     cfg.train.output_dir = str(out)
     calls = []
-    real = train_mod.train_stage
-    monkeypatch.setattr(train_mod, "train_stage", lambda acc, m, st, *a, **k: calls.append(st.name) or real(acc, m, st, *a, **k))
-    _, _, metrics = train_mod.run(cfg, cpu=True)
+    real = loop.train_stage
+    monkeypatch.setattr(loop, "train_stage", lambda acc, m, st, *a, **k: calls.append(st.name) or real(acc, m, st, *a, **k))
+    _, _, metrics = run(cfg, cpu=True)
     assert calls == ["s2"] and [m["stage"] for m in metrics] == ["s1", "s2"]
     assert trace(out) == trace(ref)
     a, b = (load_file(str(o / "model" / "adapters" / "llm" / "adapter_model.safetensors")) for o in (out, ref))

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from conftest import model_config
 from vlmkit import VLM
-from vlmkit import train as train_mod
+from vlmkit.training import loop
+from vlmkit.training.engine import make_accelerator
+from vlmkit.training.run import run
 from vlmkit.config import DataConfig, RunConfig, StageConfig, TrainConfig
 from vlmkit.data import ConversationDataset, collate
 from vlmkit.stages import apply_stage
@@ -56,15 +58,15 @@ def test_two_stage_run_lowers_loss_and_chains_stages(encoder_dirs, llm_dir, tmp_
                             stage("finetune", {"connector": "full", "llm": "full"}, qa, lr=1e-2, max_steps=STEPS[1])],
                     train=TrainConfig(output_dir=str(out), log_with=None, log_every=1, seed=0))
     entry = {}
-    real = train_mod.train_stage
+    real = loop.train_stage
 
     def spy(accelerator, model, st, *a, **k):
         raw = accelerator.unwrap_model(model)
         entry[st.name] = {n: p.detach().clone() for n, p in raw.state_dict().items()}
         return real(accelerator, model, st, *a, **k)
 
-    monkeypatch.setattr(train_mod, "train_stage", spy)
-    model, _, metrics = train_mod.run(cfg, cpu=True)
+    monkeypatch.setattr(loop, "train_stage", spy)  # where run() looks it up
+    model, _, metrics = run(cfg, cpu=True)
 
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     for name, steps in zip(("pretrain", "finetune"), STEPS):
@@ -124,12 +126,12 @@ def sgd_step(monkeypatch, model, path, per_device, lr=0.5):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     st = stage("s", {"connector": "full", "llm": "full"}, path, lr=lr, max_steps=1, global_batch_size=4,
                per_device_batch_size=per_device, max_grad_norm=0.0)
-    acc = train_mod.make_accelerator(TrainConfig(log_with=None), cpu=True)
+    acc = make_accelerator(TrainConfig(log_with=None), cpu=True)
     ds = ConversationDataset(path, model.processor(), max_length=128)
     log_dir = path.rsplit("/", 1)[0]
     from pathlib import Path
 
-    train_mod.train_stage(acc, model, st, ds, Path(log_dir))
+    loop.train_stage(acc, model, st, ds, Path(log_dir))
     return {n: (p.detach() - before[n]) for n, p in model.named_parameters() if n in before}
 
 

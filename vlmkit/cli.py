@@ -23,8 +23,8 @@ from pathlib import Path
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .preempt import handlers
-    from .train import run
+    from .training.preempt import handlers
+    from .training.run import run
 
     cfg = load_config(args.config)
     if args.output_dir:
@@ -40,13 +40,13 @@ def cmd_eval(args) -> int:
     """Several processes under `accelerate launch` each answer a shard; the main one writes the report."""
     from accelerate import Accelerator
 
-    from .distributed import destroy_at_exit
+    from .training.distributed import destroy_at_exit
     from .evaluate import evaluate, markdown_table, write_report
     from .models import VLM
     from .models.build import resolve_model_dir
 
     acc = Accelerator(cpu=args.cpu)
-    destroy_at_exit()  # its last step is a collective (the answers gathered): see vlmkit/distributed.py
+    destroy_at_exit()  # its last step is a collective (the answers gathered): see vlmkit/training/distributed.py
     model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).to(acc.device)
     settings = {"images": False, "blank images": True} if args.blank_images else {"images": False}
     results = {name: evaluate(model, args.data, args.image_folder, blank_images=blank, batch_size=args.batch_size,

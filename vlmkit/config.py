@@ -376,6 +376,43 @@ class StageConfig:
         if self.global_batch_size < 1 or self.per_device_batch_size < 1:
             raise ConfigError(f"stage {self.name!r}: batch sizes must be >= 1")
 
+    # derived quantities: how the global batch is split on `world` processes and how many steps the stage takes
+
+    @staticmethod
+    def split_batch(global_batch: int, per_device: int, world: int, stage: str = "") -> tuple[int, int]:
+        """(micro-batch per device, accumulation steps) that make up exactly `global_batch`.
+
+        `per_device` is the largest micro-batch; on more processes than the global batch needs at that
+        size, the micro-batch shrinks (e.g. global 32, per-device 32, 2 processes -> 16 x 2 x 1).
+        """
+        micro = min(per_device, global_batch // world) if world else per_device
+        if micro < 1 or global_batch % (micro * world):
+            raise ValueError(f"stage {stage}: global_batch_size {global_batch} cannot be split into "
+                             f"per-device micro-batches of at most {per_device} over {world} process(es)")
+        return micro, global_batch // (micro * world)
+
+    def micro_batching(self, world: int) -> tuple[int, int]:
+        """(micro-batch per device, accumulation steps) of this stage's global batch on `world` processes."""
+        return self.split_batch(self.global_batch_size, self.per_device_batch_size, world, self.name)
+
+    def accumulation_steps(self, world: int) -> int:
+        """Micro-batches each process accumulates per optimizer step."""
+        return self.micro_batching(world)[1]
+
+    def total_steps(self, samples: int, world: int) -> int:
+        """Optimizer steps of the stage over `samples` samples: `max_steps`, or `epochs` of the data (at least 1)."""
+        import math
+
+        micro, accum = self.micro_batching(world)
+        batches = math.ceil(samples / (micro * world))  # micro-batches of one epoch, per process
+        return self.max_steps or max(1, math.ceil(self.epochs * batches / accum))
+
+    def warmup_steps(self, total: int) -> int:
+        """Learning-rate warmup steps of a stage of `total` optimizer steps."""
+        import math
+
+        return math.ceil(self.warmup_ratio * total)
+
 
 @dataclass
 class TrainConfig:
@@ -396,7 +433,7 @@ class TrainConfig:
     log_samples: bool = False
     """Also write output_dir/samples.jsonl: the sample ids of every optimizer step (all processes)."""
     precision: str = "auto"
-    """Where the weights live and what the optimizer keeps (vlmkit/precision.py). auto: under
+    """Where the weights live and what the optimizer keeps (vlmkit/training/precision.py). auto: under
     `mixed_precision: bf16` (one process or DDP) `bf16-master`: bf16 weights and matrix work, fp32 master weights
     and optimizer states for the trained parameters only; under DeepSpeed / FSDP the engine's own master weights;
     without mixed precision fp32. Or explicitly: bf16-master | autocast (fp32 weights under torch.autocast:
@@ -405,11 +442,12 @@ class TrainConfig:
     """Write each stage's model folder and output_dir/model. false: nothing is saved and a rerun cannot resume
     (benchmarks, dry runs)."""
 
-    def __post_init__(self):
-        from .precision import REGIMES
+    PRECISIONS = ("auto", "bf16-master", "autocast", "bf16-pure", "fp32")
+    """The values `precision` takes (a class constant, not a field; vlmkit/training/precision.py implements them)."""
 
-        if self.precision not in REGIMES:
-            raise ConfigError(f"train.precision must be one of {', '.join(REGIMES)}, got {self.precision!r}")
+    def __post_init__(self):
+        if self.precision not in self.PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(self.PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints must be an integer >= 1, got {self.keep_checkpoints!r}")
         if self.resume is True or self.resume is False:  # YAML true / false

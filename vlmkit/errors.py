@@ -118,7 +118,7 @@ def report(e: BaseException, prog: str, stream=None) -> int:
     if isinstance(e, KeyboardInterrupt):
         print(f"{prog}: interrupted", file=stream)
         return 130
-    if type(e).__name__ == "Preempted":  # vlmkit.preempt: not an error, a stop that was asked for
+    if type(e).__name__ == "Preempted":  # vlmkit.training.preempt: not an error, a stop that was asked for
         print(f"{prog}: {e}", file=stream)
         return e.exit_code
     print(f"{prog}: error: {message(e)}", file=stream)
@@ -144,7 +144,7 @@ def guard(fn, prog: str, argv=None, *args, **kwargs) -> int:
 def run_recipe(main, prog: str) -> None:
     """A recipe's `if __name__ == "__main__"`: `main()` under `guard` and the preemption handlers (SIGTERM /
     Ctrl-C save a resumable checkpoint at the next step), `--debug` taken off its command line."""
-    from .preempt import handlers
+    from .training.preempt import handlers
     from .security import no_prompt_for_remote_code
 
     debug = debug_requested()

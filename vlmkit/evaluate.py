@@ -80,27 +80,6 @@ def evaluate(model, path: str, image_folder: str = "", blank_images: bool = Fals
     return summarize(rows)
 
 
-def demo_metrics(model, path: str, stage_metrics: list[dict], t0: float) -> dict:
-    """A demo run's metrics.json body: accuracy with the images and with blank ones (what the text
-    alone answers), per type, and the training figures of its stages."""
-    import time
-
-    ev = evaluate(model, path)
-    blank = evaluate(model, path, blank_images=True)
-    return {
-        "eval_accuracy": ev["accuracy"],
-        "eval_accuracy_no_image": blank["accuracy"],
-        "eval_accuracy_per_type": ev["per_type"],
-        "eval_accuracy_no_image_per_type": blank["per_type"],
-        "eval_examples": ev["examples"],
-        "eval_questions": ev["n"],
-        "train_samples_per_second": sum(m["samples"] for m in stage_metrics) / sum(m["seconds"] for m in stage_metrics),
-        "stages": stage_metrics,
-        "final_loss": stage_metrics[-1]["final_loss"],
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-    }
-
-
 def summarize(rows: list[dict]) -> dict:
     per_type = defaultdict(list)
     for r in rows:

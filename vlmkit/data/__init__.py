@@ -1,4 +1,5 @@
-"""The data side: conversation formatting and label masking, images, datasets, collation, demo data."""
+"""The data side: conversation formatting and label masking, images, datasets, collation (the demo data lives in
+vlmkit.experiments)."""
 from .conversation import IGNORE, SampleError, encode, normalize, truncate
 from .dataset import ConversationDataset, load_records
 from .images import ImageTransform, load_image
