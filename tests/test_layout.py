@@ -8,7 +8,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "vlmkit"
 MAX_FUNCTION_LINES = 80
 # still long: the CLI's argument table
 KNOWN_CIRCLES = []
-KNOWN_LONG = {("cli.py", "main")}
+KNOWN_LONG: set = set()
 
 
 def _modules() -> dict[str, pathlib.Path]:

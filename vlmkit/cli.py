@@ -134,10 +134,9 @@ def cmd_check_data(args) -> int:
     return run_cli(args)
 
 
-def main(argv=None) -> int:
-    from .errors import guard
-    from .security import no_prompt_for_remote_code
-
+def build_parser() -> argparse.ArgumentParser:
+    """`vlmkit VERB ...`: one sub-parser per verb, each with --debug (and --trust-remote-code where a model
+    folder is loaded)."""
     ap = argparse.ArgumentParser(prog="vlmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error (or VLMKIT_DEBUG=1)")
@@ -146,16 +145,23 @@ def main(argv=None) -> int:
                        help="let the model folder's own Python code run, for this command (only for a folder "
                             "whose author you trust; a folder's config.json cannot switch this on)")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    for add in (_add_train, _add_eval, _add_chat, _add_export, _add_import, _add_check_data):
+        add(sub, common, trust)
+    return ap
+
+
+def _add_train(sub, common, trust) -> None:
+    from .config import add_resume_args
 
     t = sub.add_parser("train", help="run every stage of a config", parents=[common])
     t.add_argument("config")
     t.add_argument("--output-dir")
     t.add_argument("--cpu", action="store_true")
-    from .config import add_resume_args
-
     add_resume_args(t)
     t.set_defaults(fn=cmd_train)
 
+
+def _add_eval(sub, common, trust) -> None:
     e = sub.add_parser("eval", help="accuracy on a LLaVA-format file or HF dataset with reference answers",
                        parents=[common, trust])
     e.add_argument("model")
@@ -169,6 +175,8 @@ def main(argv=None) -> int:
     e.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     e.set_defaults(fn=cmd_eval)
 
+
+def _add_chat(sub, common, trust) -> None:
     c = sub.add_parser("chat", help="talk to a model about an image", parents=[common, trust])
     c.add_argument("model")
     c.add_argument("--image")
@@ -178,6 +186,8 @@ def main(argv=None) -> int:
     c.add_argument("--top-p", type=float, default=0.9)
     c.set_defaults(fn=cmd_chat)
 
+
+def _add_export(sub, common, trust) -> None:
     x = sub.add_parser("export", help="export to transformers-native Llava / LlavaNext / InternVL "
                                       "(AutoModelForImageTextToText)", parents=[common])
     x.add_argument("model", help="a model folder, or a run folder (its model/ is used)")
@@ -185,6 +195,8 @@ def main(argv=None) -> int:
     x.add_argument("--template", help="chat template to write (default: the model's)")
     x.set_defaults(fn=cmd_export)
 
+
+def _add_import(sub, common, trust) -> None:
     m = sub.add_parser("import", help="a transformers-native Llava / LlavaNext / InternVL checkpoint -> vlmkit folder",
                        parents=[common])
     m.add_argument("source", help="a local folder or a hub id")
@@ -193,6 +205,8 @@ def main(argv=None) -> int:
     m.add_argument("--image-aspect", choices=("pad", "resize"), help="Llava only (default: from its image processor)")
     m.set_defaults(fn=cmd_import)
 
+
+def _add_check_data(sub, common, trust) -> None:
     k = sub.add_parser("check-data", help="scan datasets for bad samples before training (exit 1 if any)",
                        parents=[common])
     k.add_argument("data", nargs="*", help="LLaVA-format JSON/JSONL files or HF datasets "
@@ -218,7 +232,12 @@ def main(argv=None) -> int:
     k.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     k.set_defaults(fn=cmd_check_data)
 
-    args = ap.parse_args(argv)
+
+def main(argv=None) -> int:
+    from .errors import guard
+    from .security import no_prompt_for_remote_code
+
+    args = build_parser().parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     no_prompt_for_remote_code()
     return guard(args.fn, f"vlmkit {args.cmd}", argv + (["--debug"] if args.debug else []), args)
