@@ -219,7 +219,7 @@ def make_dataset_files(folder: Path, samples: int, n_images: int, vocab_size: in
     t_images = time.perf_counter() - t0
     words = make_words(np.random.default_rng(seed), max(2 * vocab_size, 2000))
     tok_dir = make_tokenizer(folder / "tokenizer", words, vocab_size, seed)
-    from vlmkit.llm import load_tokenizer
+    from vlmkit.models.llm import load_tokenizer
 
     maker = TextMaker(load_tokenizer(tok_dir, "<image>"), words, "vicuna_v1", seed)
     lengths = text_lengths(samples, 2, seed)
@@ -254,7 +254,7 @@ def model_config(mode: str, tokenizer: str) -> ModelConfig:
 def build_loader(mode: str, files: dict, workers: int, batch: int, pack: bool):
     """(loader, processor, data config, model config) for `mode`: the dataset and DataLoader `vlmkit.train.run`
     would make for it."""
-    from vlmkit.model import build_processor
+    from vlmkit.models.build import build_processor
     from vlmkit.training.batches import make_dataset, make_loader
 
     cfg = model_config(mode, files["tokenizer"])

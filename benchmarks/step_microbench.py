@@ -51,7 +51,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent

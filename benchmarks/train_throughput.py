@@ -67,7 +67,7 @@ def write_data(folder: Path, a) -> dict:
         files.append(name)
     words = dt.make_words(np.random.default_rng(a.seed), max(2 * a.vocab, 2000))
     tok_dir = dt.make_tokenizer(folder / "tokenizer", words, a.vocab, a.seed)
-    from vlmkit.llm import load_tokenizer
+    from vlmkit.models.llm import load_tokenizer
 
     template = "plain" if a.stage == 1 else "vicuna_v1"
     maker = dt.TextMaker(load_tokenizer(tok_dir, "<image>"), words, template, a.seed)

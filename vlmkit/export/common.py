@@ -259,11 +259,11 @@ def import_token_ids(path: str, llm, tokenizer) -> None:
 
 # ---- folders --------------------------------------------------------------------------------
 def _load(model_or_dir):
-    from ..model import VLM
+    from ..models.vlm import VLM
 
     if isinstance(model_or_dir, VLM):
         return model_or_dir, None
-    from ..model import resolve_model_dir
+    from ..models.build import resolve_model_dir
 
     path = resolve_model_dir(model_or_dir)
     return VLM.from_pretrained(path), path
@@ -294,7 +294,7 @@ def write_export(out_dir, hf_model, save_processor, card: str) -> Path:
 
     A second atomic folder writer beside `VLM.save_pretrained` (it shares only `fsync_dir`): to be replaced by the
     one writer of vlmkit/models/serialization.py once that lands (issue 17)."""
-    from ..model import fsync_dir
+    from ..models.serialization import fsync_dir
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not _is_export_dir(out):
@@ -516,7 +516,7 @@ def read_processor_config(path: str) -> tuple[dict, dict]:
 def load_checked_tokenizer(path: str, image_token: str, image_token_id: int, what: str = "image token"):
     """The checkpoint's tokenizer with `image_token` (`what` names it in the error), which must have the config's
     image_token_id."""
-    from ..llm import load_tokenizer
+    from ..models.llm import load_tokenizer
 
     tokenizer = load_tokenizer(path, image_token)
     if tokenizer.convert_tokens_to_ids(image_token) != image_token_id:
@@ -530,8 +530,8 @@ def empty_vlm(mc, vision_tower, text_config, tokenizer, mean, std):
     connector (`mc.connector.options` its arguments) built empty for `fill_weights`."""
     from transformers import AutoModelForCausalLM
 
-    from ..encoders import VisionEncoder
-    from ..model import VLM
+    from ..models.encoders import VisionEncoder
+    from ..models.vlm import VLM
     from ..registry import CONNECTORS
 
     e = mc.encoder

@@ -1,7 +1,10 @@
 """LoRA adapters on a VLM's components (peft LoraModel, kept in `model.adapters`, not as submodules)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+from torch import nn
 
 from ..config import ComponentPlan
 from ..errors import load_file
@@ -15,8 +18,6 @@ def add_lora(model, name: str, plan, state: dict | None = None) -> None:
         return
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
-
-    from ..stages import lora_targets
 
     target = model.components()[name]
     cfg = LoraConfig(r=plan.r, lora_alpha=plan.alpha, lora_dropout=plan.dropout,
@@ -54,3 +55,14 @@ def _set_state(model, name: str, state: dict, what: str) -> None:
     res = set_peft_model_state_dict(model.adapters[name], state)
     if res.unexpected_keys:
         raise ValueError(f"{what} adapter: unexpected keys {res.unexpected_keys[:5]}")
+
+
+def lora_targets(module: nn.Module, targets) -> list[str]:
+    """Names of the Linear layers a LoRA target spec selects (what peft will wrap)."""
+    linear = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if targets == "all-linear":
+        out = getattr(module, "get_output_embeddings", lambda: None)()
+        return [n for n, m in linear if m is not out]
+    if isinstance(targets, str):
+        return [n for n, _ in linear if re.fullmatch(targets, n)]
+    return [n for n, _ in linear if any(n == t or n.endswith("." + t) for t in targets)]

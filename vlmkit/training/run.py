@@ -80,7 +80,7 @@ def start_run(cfg: RunConfig, accelerator: Accelerator) -> tuple[Path, ckpt.Resu
 def prepare_model(cfg: RunConfig, accelerator: Accelerator, model, point, out: Path) -> tuple:
     """(model in the precision regime's weight dtype, the regime); every stage's plan checked before any
     training starts; the logs cut back to the resume point."""
-    from ..model import VLM
+    from ..models.vlm import VLM
 
     regime = prec.resolve(cfg.train.precision, accelerator.mixed_precision, engine(accelerator),
                           quantized=cfg.model.llm.quantization is not None)
@@ -143,7 +143,7 @@ def stage_saver(cfg: RunConfig, accelerator: Accelerator, out: Path, stage, last
 
 def final_model(cfg: RunConfig, accelerator: Accelerator, model, out: Path, point, final_saved: bool):
     """The run's model, whole on every process, written to out/model (unless the last stage wrote it already)."""
-    from ..model import VLM
+    from ..models.vlm import VLM
     from ..security import user_trusts
 
     whole = out / "model"  # where a sharded run's consolidated model is read back from

@@ -6,12 +6,11 @@ partial (the last N transformer blocks). Everything is checked before training s
 """
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from ..config import ComponentPlan, StageConfig
-from ..llm import is_quantized
+from ..models.llm import is_quantized
+from ..models.lora import lora_targets
 
 
 def components(model) -> dict[str, nn.Module | nn.Parameter]:
@@ -41,17 +40,6 @@ def partial_blocks(model, name: str, n: int) -> list[nn.Module]:
     if n > len(blocks):
         raise ValueError(f"{name}: partial layers={n} but only {len(blocks)} block(s) feed its output")
     return blocks[len(blocks) - n:]
-
-
-def lora_targets(module: nn.Module, targets) -> list[str]:
-    """Names of the Linear layers a LoRA target spec selects (what peft will wrap)."""
-    linear = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    if targets == "all-linear":
-        out = getattr(module, "get_output_embeddings", lambda: None)()
-        return [n for n, m in linear if m is not out]
-    if isinstance(targets, str):
-        return [n for n, _ in linear if re.fullmatch(targets, n)]
-    return [n for n, _ in linear if any(n == t or n.endswith("." + t) for t in targets)]
 
 
 def validate_plan(model, stage: StageConfig) -> None:
