@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -172,66 +172,156 @@ LLAVA_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 class TilingConfig:
     """High-resolution input: how one image becomes several encoder tiles. Saved with the model.
 
-    none: one tile per image (the encoder's square input; LLaVA-1.5). anyres: LLaVA-NeXT (a base
-    tile first, then the best-fitting canvas cut row-major; with `unpad` the padding is cropped from
-    the features and a learned `image_newline` ends each feature row). internvl: InternVL dynamic
-    tiling (row-major tiles of the closest-aspect grid, then a thumbnail). naflex: SigLIP 2 NaFlex (a
-    siglip2_vision_model encoder; each image resized keeping its aspect ratio to at most `max_num_patches`
-    patches, its own patch grid and so its own number of tokens).
+    One class per mode, chosen by `mode`: `TilingConfig(mode, ...)` (and `from_dict(TilingConfig, ...)`)
+    returns that mode's class, which holds and checks only its own fields.
+    none (NoTiling): one tile per image (the encoder's square input; LLaVA-1.5). anyres (AnyresTiling):
+    LLaVA-NeXT (a base tile first, then the best-fitting canvas cut row-major; with `unpad` the padding is
+    cropped from the features and a learned `image_newline` ends each feature row). internvl (InternVLTiling):
+    InternVL dynamic tiling (row-major tiles of the closest-aspect grid, then a thumbnail). naflex
+    (NaflexTiling): SigLIP 2 NaFlex (a siglip2_vision_model encoder; each image resized keeping its aspect
+    ratio to at most `max_num_patches` patches, its own patch grid and so its own number of tokens).
     """
 
     mode: str = "none"
     """none | anyres | internvl | naflex."""
+
+    MODE: ClassVar[str] = ""
+    """The mode a subclass stands for (registered in TILING_CLASSES)."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is not TilingConfig:
+            return super().__new__(cls)
+        sub = _tiling_class(args[0] if args else kwargs.get("mode", "none"))
+        foreign = sorted(set(kwargs) - _field_names(sub))
+        for key in foreign:  # another mode's option: say so instead of a bare TypeError
+            owner = next((c.MODE for c in TILING_CLASSES.values() if key in _field_names(c)), None)
+            if owner is not None:
+                raise ConfigError(f"tiling.{key} is a{'n' if owner[0] in 'aeiou' else ''} {owner} option; "
+                                  f"mode is {sub.MODE!r}")
+        return super().__new__(sub)
+
+    def __post_init__(self):
+        if self.mode != self.MODE:
+            raise ConfigError(f"tiling.mode {self.mode!r} does not fit {type(self).__name__} (mode {self.MODE!r})")
+
+    @classmethod
+    def _from_dict_class(cls, data: dict, where: str) -> tuple[type, dict]:
+        """from_dict's hook: the mode's class and the keys it takes. Saved folders written before the split
+        carry every mode's keys: another mode's key is dropped when it holds its default, refused otherwise."""
+        if cls is not TilingConfig:
+            return cls, data
+        sub = _tiling_class(data.get("mode", "none"))
+        kept = {}
+        for key, value in data.items():
+            owner = next((c for c in TILING_CLASSES.values() if key in _field_names(c)), None)
+            if key in _field_names(sub) or owner is None:  # its own key, or an unknown one (from_dict names it)
+                kept[key] = value
+            elif value != owner.__dataclass_fields__[key].default:
+                raise ConfigError(f"tiling.{key} is a{'n' if owner.MODE[0] in 'aeiou' else ''} {owner.MODE} "
+                                  f"option; mode is {sub.MODE!r}")
+        return sub, kept
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _tiling_class(mode) -> type[TilingConfig]:
+    if not isinstance(mode, str) or mode not in TILING_CLASSES:
+        raise ConfigError(f"tiling.mode must be one of {', '.join(TILING_MODES)}, got {mode!r}")
+    return TILING_CLASSES[mode]
+
+
+def _check_positive_or_none(key: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"tiling.{key} must be a positive integer or null, got {value!r}")
+
+
+def _check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"tiling.{key} must be true or false, got {value!r}")
+
+
+@dataclass
+class NoTiling(TilingConfig):
+    """mode none: one tile per image."""
+
+    MODE: ClassVar[str] = "none"
+
+
+@dataclass
+class AnyresTiling(TilingConfig):
+    """mode anyres: LLaVA-NeXT's AnyRes (LLaVA-OneVision's anyres_max_N with `anyres_max`)."""
+
+    MODE: ClassVar[str] = "anyres"
+    mode: str = "anyres"
     grid_pinpoints: str | list[list[int]] | None = None
-    """anyres canvases: a range "(1x1),...,(3x3)" in tiles (rows x cols), a list of [height, width] pixel
+    """Canvases: a range "(1x1),...,(3x3)" in tiles (rows x cols), a list of [height, width] pixel
     pairs (transformers' image_grid_pinpoints; multiples of the tile), or None: LLaVA-NeXT's 1x2, 2x1,
     2x2, 3x1, 1x3 tiles."""
     anyres_max: int | None = None
-    """anyres: N of LLaVA-OneVision's anyres_max_N (the unpadded feature grid is downscaled to about
+    """N of LLaVA-OneVision's anyres_max_N (the unpadded feature grid is downscaled to about
     N tiles' worth of tokens); None: no limit. Needs `unpad`."""
     unpad: bool = True
-    """anyres: crop the padding from the feature grid and end each row with `image_newline`
+    """Crop the padding from the feature grid and end each row with `image_newline`
     (LLaVA-NeXT's spatial_unpad); false: all tile tokens, no newline (spatial)."""
-    min_tiles: int = 1
-    """internvl: bounds on the tile grid (cols x rows)."""
-    max_tiles: int = 12
-    """internvl: per sample; with n images each gets max(1, max_tiles // n)."""
-    thumbnail: bool = True
-    """internvl: add the whole image as a last tile when there is more than one tile."""
-    max_num_patches: int | None = None
-    """naflex: at most this many patches per image (the SigLIP 2 processor's max_num_patches); None: the
-    checkpoint's num_patches (256 for google/siglip2-*-naflex)."""
 
     def __post_init__(self):
-        if self.mode not in TILING_MODES:
-            raise ConfigError(f"tiling.mode must be one of {', '.join(TILING_MODES)}, got {self.mode!r}")
-        for key in ("unpad", "thumbnail"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"tiling.{key} must be true or false, got {getattr(self, key)!r}")
+        super().__post_init__()
+        from .tiling.functions import parse_grid_pinpoints
+
+        _check_bool("unpad", self.unpad)
+        try:
+            if self.grid_pinpoints is not None:
+                parse_grid_pinpoints(self.grid_pinpoints, 1)
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise ConfigError(f"tiling.grid_pinpoints {self.grid_pinpoints!r}: {e}") from None
+        _check_positive_or_none("anyres_max", self.anyres_max)
+        if self.anyres_max is not None and not self.unpad:
+            raise ConfigError("tiling.anyres_max needs unpad: true (LLaVA-OneVision downscales the unpadded grid)")
+
+
+@dataclass
+class InternVLTiling(TilingConfig):
+    """mode internvl: InternVL dynamic tiling."""
+
+    MODE: ClassVar[str] = "internvl"
+    mode: str = "internvl"
+    min_tiles: int = 1
+    """Bounds on the tile grid (cols x rows)."""
+    max_tiles: int = 12
+    """Per sample; with n images each gets max(1, max_tiles // n)."""
+    thumbnail: bool = True
+    """Add the whole image as a last tile when there is more than one tile."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_bool("thumbnail", self.thumbnail)
         for key in ("min_tiles", "max_tiles"):
             if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
                 raise ConfigError(f"tiling.{key} must be an integer, got {getattr(self, key)!r}")
-        if self.mode == "anyres":
-            from .tiling.functions import parse_grid_pinpoints
-
-            try:
-                if self.grid_pinpoints is not None:
-                    parse_grid_pinpoints(self.grid_pinpoints, 1)
-            except (ValueError, SyntaxError, TypeError) as e:
-                raise ConfigError(f"tiling.grid_pinpoints {self.grid_pinpoints!r}: {e}") from None
-            if self.anyres_max is not None:
-                if not isinstance(self.anyres_max, int) or isinstance(self.anyres_max, bool) or self.anyres_max < 1:
-                    raise ConfigError(f"tiling.anyres_max must be a positive integer or null, got {self.anyres_max!r}")
-                if not self.unpad:
-                    raise ConfigError("tiling.anyres_max needs unpad: true (LLaVA-OneVision downscales the unpadded grid)")
-        if self.max_num_patches is not None:
-            if self.mode != "naflex":
-                raise ConfigError(f"tiling.max_num_patches is a naflex option; mode is {self.mode!r}")
-            v = self.max_num_patches
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"tiling.max_num_patches must be a positive integer or null, got {v!r}")
-        if self.mode == "internvl" and not 1 <= self.min_tiles <= self.max_tiles:
+        if not 1 <= self.min_tiles <= self.max_tiles:
             raise ConfigError(f"tiling: need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+
+
+@dataclass
+class NaflexTiling(TilingConfig):
+    """mode naflex: SigLIP 2 NaFlex."""
+
+    MODE: ClassVar[str] = "naflex"
+    mode: str = "naflex"
+    max_num_patches: int | None = None
+    """At most this many patches per image (the SigLIP 2 processor's max_num_patches); None: the
+    checkpoint's num_patches (256 for google/siglip2-*-naflex)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_positive_or_none("max_num_patches", self.max_num_patches)
+
+
+TILING_CLASSES: dict[str, type[TilingConfig]] = {c.MODE: c for c in (NoTiling, AnyresTiling, InternVLTiling,
+                                                                       NaflexTiling)}
+"""mode -> its config class; a new tiling mode adds its class here."""
 
 
 @dataclass
@@ -457,8 +547,10 @@ def from_dict(cls, data: Any, where: str = ""):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    if hasattr(cls, "_from_dict_class"):  # a family of classes (one per tiling mode, ...): the member that fits
+        cls, data = cls._from_dict_class(data, where)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _field_names(cls)
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
