@@ -1,14 +1,14 @@
-"""Config families chosen by a key: one TilingConfig class per `mode`. `TilingConfig(...)` and from_dict pick the
-class; saved dicts written before the split (every mode's keys) still load; another mode's key is refused
-unless it holds its default."""
+"""Config families chosen by a key: one TilingConfig class per `mode`; EncoderConfig or FusedEncoderConfig by `name`.
+`TilingConfig(...)` / `EncoderConfig(...)` and from_dict pick the class; saved dicts written before the split (every
+variant's keys) still load; another variant's key is refused by name unless it holds its default."""
 import copy
 import dataclasses
 import pickle
 
 import pytest
 
-from vlmkit.config import (AnyresTiling, ConfigError, InternVLTiling, ModelConfig, NaflexTiling, NoTiling,
-                           TilingConfig, from_dict, to_dict)
+from vlmkit.config import (AnyresTiling, ConfigError, EncoderConfig, FusedEncoderConfig, InternVLTiling, LLMConfig,
+                           ModelConfig, NaflexTiling, NoTiling, TilingConfig, from_dict, to_dict)
 
 OLD_DEFAULTS = dict(mode="none", grid_pinpoints=None, anyres_max=None, unpad=True, min_tiles=1, max_tiles=12,
                     thumbnail=True, max_num_patches=None)
@@ -35,7 +35,7 @@ def test_tiling_config_dispatches_on_mode(made, cls, fields):
 
 
 def test_model_config_default_tiling_is_no_tiling():
-    m = ModelConfig(encoder={"name": "clip", "config": {}}, llm={"path": "x"})
+    m = ModelConfig(encoder=EncoderConfig("clip", config={}), llm=LLMConfig(path="x"))
     assert type(m.tiling) is NoTiling
     d = to_dict(m)
     d["tiling"] = {"mode": "internvl", "max_tiles": 6}
@@ -109,3 +109,53 @@ def test_every_shipped_config_gets_its_modes_class():
         assert type(tiling) is TILING_CLASSES[tiling.mode], path.name
         modes.add(tiling.mode)
     assert len(modes) > 1  # the shipped configs do use several modes
+
+
+# ---- encoders: EncoderConfig (one encoder) and FusedEncoderConfig (name fused), chosen by name ----------
+CLIP = {"name": "clip", "config": {"image_size": 16}}
+SIGLIP = {"name": "siglip2", "config": {"image_size": 16}, "feature_layer": -1}
+OLD_SINGLE = dict(name="clip", path=None, config=None, position_init_std=None, feature_layer=None, image_aspect="pad",
+                  image_size=None, image_mean=None, image_std=None, trust_remote_code=False, members=None)
+"""model.encoder as vlmkit wrote it before the split: single and fused keys in one mapping."""
+
+
+def test_encoder_config_dispatches_on_name():
+    single = EncoderConfig("internvit", config={})
+    assert type(single) is EncoderConfig and not hasattr(single, "members")
+    for fused in (EncoderConfig(name="fused", members=[CLIP, SIGLIP]),
+                  from_dict(EncoderConfig, {"name": "fused", "members": [CLIP, SIGLIP]}, "model.encoder")):
+        assert type(fused) is FusedEncoderConfig and [type(m) for m in fused.members] == [EncoderConfig] * 2
+        assert set(to_dict(fused)) == {"name", "members", "image_aspect", "trust_remote_code"}
+        assert from_dict(EncoderConfig, to_dict(fused), "model.encoder") == fused
+        assert copy.deepcopy(fused) == fused and pickle.loads(pickle.dumps(fused)) == fused
+        assert dataclasses.replace(fused) == fused
+    m = ModelConfig(encoder=fused, llm=LLMConfig(path="x"))
+    assert from_dict(ModelConfig, to_dict(m), "model") == m
+    assert from_dict(EncoderConfig, fused, "model.encoder") is fused  # an instance of the family is taken as is
+
+
+def test_old_saved_encoders_with_every_key_load():
+    old_single = dict(OLD_SINGLE, config={"image_size": 16}, feature_layer=-1)
+    single = from_dict(EncoderConfig, old_single, "model.encoder")
+    assert single == EncoderConfig("clip", config={"image_size": 16}, feature_layer=-1)
+    old_fused = dict(OLD_SINGLE, name="fused", image_aspect="resize",
+                     members=[old_single, dict(OLD_SINGLE, name="siglip2", config={"image_size": 16})])
+    fused = from_dict(EncoderConfig, old_fused, "model.encoder")
+    assert type(fused) is FusedEncoderConfig and fused.image_aspect == "resize"
+    assert fused.members == [single, EncoderConfig("siglip2", config={"image_size": 16})]
+
+
+@pytest.mark.parametrize("data,needle", [
+    (dict(OLD_SINGLE, name="fused", members=[CLIP, SIGLIP], image_size=32), r"set \['image_size'\] on its members"),
+    (dict(CLIP, members=[CLIP, SIGLIP]), "encoder.members is only for name: fused"),
+    ({"name": "fused", "members": [CLIP]}, "at least 2 encoders"),
+    ({"name": "fused", "members": [CLIP, {"name": "fused", "members": [CLIP, SIGLIP]}]}, "cannot itself be fused"),
+    ({"name": "fused", "members": [CLIP, SIGLIP], "bogus": 1}, r"unknown keys \['bogus'\]"),
+    ({"name": "fused", "members": [CLIP, SIGLIP], "image_aspect": "crop"}, "image_aspect must be pad or resize"),
+])
+def test_encoder_foreign_and_bad_keys_are_named(data, needle):
+    with pytest.raises(ConfigError, match=needle):
+        from_dict(EncoderConfig, data, "model.encoder")
+    if "bogus" not in data:
+        with pytest.raises(ConfigError, match=needle):
+            EncoderConfig(**data)

@@ -27,10 +27,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class EncoderConfig:
-    """A vision encoder: a registered kind plus a hub id / local dir, or a config for random weights."""
+    """A vision encoder: a registered kind plus a hub id / local dir, or a config for random weights.
+    `EncoderConfig(name="fused", members=[...])` (and from_dict with name fused) gives a FusedEncoderConfig."""
 
     name: str = "clip"
-    """Registry key: clip | siglip2 | dinov2 | internvit | hf (any AutoModel vision backbone) | fused."""
+    """Registry key: clip | siglip2 | dinov2 | internvit | hf (any AutoModel vision backbone) | fused
+    (FusedEncoderConfig)."""
     path: str | None = None
     """Hub id or local directory (save_pretrained layout). None: random weights from `config`."""
     config: dict[str, Any] | None = None
@@ -52,16 +54,19 @@ class EncoderConfig:
     image_std: list[float] | None = None
     trust_remote_code: bool = False
     """Let transformers run Python code shipped with a hub checkpoint (never on unless asked)."""
-    members: list[EncoderConfig] | None = None
-    """name fused: the encoders run side by side (features concatenated per patch; their grids must agree).
-    The first member's image size and normalisation are the fused input's."""
+
+    def __new__(cls, *args, **kwargs):
+        name = args[0] if args else kwargs.get("name", "clip")
+        if "members" in kwargs and name != "fused":
+            raise ConfigError(f"encoder.members is only for name: fused (got name {name!r})")
+        if cls is EncoderConfig and name == "fused":
+            if len(args) > 1:
+                raise ConfigError("encoder fused: give `members` (and image_aspect, trust_remote_code) by name")
+            return FusedEncoderConfig(**FusedEncoderConfig._own_keys(dict(kwargs, name=name)))
+        return super().__new__(cls)
 
     def __post_init__(self):
-        if not isinstance(self.trust_remote_code, bool):
-            raise ConfigError(f"encoder.trust_remote_code must be true or false, got {self.trust_remote_code!r}")
-        if self.name == "fused" or self.members is not None:
-            self._check_fused()
-            return
+        _check_shared_encoder_fields(self)
         if self.path is None and self.config is None:
             raise ConfigError("encoder: give `path` (hub id or local dir) or `config` (random weights)")
         if self.position_init_std is not None:
@@ -70,25 +75,58 @@ class EncoderConfig:
                                   f"path {self.path!r} it would overwrite trained weights (drop one of them)")
             if not isinstance(self.position_init_std, (int, float)) or not self.position_init_std > 0:
                 raise ConfigError(f"encoder.position_init_std must be a number > 0, got {self.position_init_std!r}")
-        if self.image_aspect not in ("pad", "resize"):
-            raise ConfigError(f"encoder.image_aspect must be pad or resize, got {self.image_aspect!r}")
 
-    def _check_fused(self) -> None:
+    @classmethod
+    def _from_dict_class(cls, data: dict, where: str) -> tuple[type, dict]:
+        """from_dict's hook: FusedEncoderConfig for name fused. Folders saved before the split carry `members:
+        null` on single encoders and every single-encoder key (null) on a fused one: dropped when default."""
+        if data.get("name") != "fused" and data.get("members") is not None:
+            raise ConfigError(f"encoder.members is only for name: fused (got name {data.get('name')!r})")
+        if data.get("name") == "fused":
+            return FusedEncoderConfig, FusedEncoderConfig._own_keys(data)
+        return cls, {k: v for k, v in data.items() if k != "members"}
+
+
+def _check_shared_encoder_fields(cfg) -> None:
+    if not isinstance(cfg.trust_remote_code, bool):
+        raise ConfigError(f"encoder.trust_remote_code must be true or false, got {cfg.trust_remote_code!r}")
+    if cfg.image_aspect not in ("pad", "resize"):
+        raise ConfigError(f"encoder.image_aspect must be pad or resize, got {cfg.image_aspect!r}")
+
+
+@dataclass
+class FusedEncoderConfig:
+    """name fused: the encoders run side by side (features concatenated per patch; their grids must agree).
+    The first member's image size and normalisation are the fused input's."""
+
+    name: str = "fused"
+    members: list[EncoderConfig] | None = None
+    """At least 2 single encoders (EncoderConfig mappings)."""
+    image_aspect: str = "pad"
+    """pad: pad to a square with the mean colour (LLaVA-1.5); resize: stretch to the square."""
+    trust_remote_code: bool = False
+    """Let transformers run Python code shipped with a member's hub checkpoint (never on unless asked)."""
+
+    def __post_init__(self):
         if self.name != "fused":
             raise ConfigError(f"encoder.members is only for name: fused (got name {self.name!r})")
+        _check_shared_encoder_fields(self)
         if not isinstance(self.members, list) or len(self.members) < 2:
             raise ConfigError(f"encoder fused needs `members`: a list of at least 2 encoders, got {self.members!r}")
-        self.members = [m if isinstance(m, EncoderConfig) else from_dict(EncoderConfig, m, f"encoder.members[{i}]")
-                        for i, m in enumerate(self.members)]
-        if any(m.name == "fused" for m in self.members):
+        self.members = [m if isinstance(m, (EncoderConfig, FusedEncoderConfig))
+                        else from_dict(EncoderConfig, m, f"encoder.members[{i}]") for i, m in enumerate(self.members)]
+        if any(isinstance(m, FusedEncoderConfig) for m in self.members):
             raise ConfigError("encoder fused: a member cannot itself be fused")
-        own = {k: getattr(self, k) for k in ("path", "config", "position_init_std", "feature_layer", "image_size",
-                                            "image_mean", "image_std") if getattr(self, k) is not None}
-        if own:
-            raise ConfigError(f"encoder fused: set {sorted(own)} on its members, not on the fused encoder (the "
+
+    @classmethod
+    def _own_keys(cls, data: dict) -> dict:
+        """`data` without single-encoder keys that hold their default (None); any other is refused by name."""
+        single = _field_names(EncoderConfig) - _field_names(cls)
+        refused = sorted(k for k in single & set(data) if data[k] != EncoderConfig.__dataclass_fields__[k].default)
+        if refused:
+            raise ConfigError(f"encoder fused: set {refused} on its members, not on the fused encoder (the "
                               "first member's image size and normalisation are the input's)")
-        if self.image_aspect not in ("pad", "resize"):
-            raise ConfigError(f"encoder.image_aspect must be pad or resize, got {self.image_aspect!r}")
+        return {k: v for k, v in data.items() if k not in single}
 
 
 @dataclass
@@ -327,6 +365,7 @@ TILING_CLASSES: dict[str, type[TilingConfig]] = {c.MODE: c for c in (NoTiling, A
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig
+    """A single encoder, or a FusedEncoderConfig (name fused; EncoderConfig and from_dict pick it)."""
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LLMConfig | None = None
     template: str = "vicuna_v1"
@@ -539,11 +578,15 @@ class RunConfig:
             raise ConfigError(f"stage names must be unique: {names}")
 
 
+_SAME_FAMILY = {EncoderConfig: (FusedEncoderConfig,)}
+"""Classes another builds too (EncoderConfig(name="fused") is a FusedEncoderConfig): taken as they are."""
+
+
 def from_dict(cls, data: Any, where: str = ""):
     """Build a (nested) dataclass from plain data, refusing unknown keys with the path to them."""
     if not dataclasses.is_dataclass(cls):
         return data
-    if isinstance(data, cls):
+    if isinstance(data, (cls, *_SAME_FAMILY.get(cls, ()))):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
