@@ -174,7 +174,7 @@ def test_fused_vlm_trains_saves_and_reloads(fused_vlm, tmp_path):
     model.eval().save_pretrained(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "config.json").read_text())["model"]
     enc = saved["encoder"]
-    assert enc["name"] == "fused" and enc["path"] is None and len(enc["members"]) == 2
+    assert enc["name"] == "fused" and "path" not in enc and len(enc["members"]) == 2  # a FusedEncoderConfig's keys
     assert [(m["path"], m["config"]["model_type"], m["image_size"]) for m in enc["members"]] == \
         [(None, "dinov2", 16), (None, "siglip_vision_model", 20)]
     assert from_dict(ModelConfig, saved, "model").encoder.members[1].image_mean == list(HALF)

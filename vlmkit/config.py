@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -27,10 +27,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class EncoderConfig:
-    """A vision encoder: a registered kind plus a hub id / local dir, or a config for random weights."""
+    """A vision encoder: a registered kind plus a hub id / local dir, or a config for random weights.
+    `EncoderConfig(name="fused", members=[...])` (and from_dict with name fused) gives a FusedEncoderConfig."""
 
     name: str = "clip"
-    """Registry key: clip | siglip2 | dinov2 | internvit | hf (any AutoModel vision backbone) | fused."""
+    """Registry key: clip | siglip2 | dinov2 | internvit | hf (any AutoModel vision backbone) | fused
+    (FusedEncoderConfig)."""
     path: str | None = None
     """Hub id or local directory (save_pretrained layout). None: random weights from `config`."""
     config: dict[str, Any] | None = None
@@ -52,16 +54,19 @@ class EncoderConfig:
     image_std: list[float] | None = None
     trust_remote_code: bool = False
     """Let transformers run Python code shipped with a hub checkpoint (never on unless asked)."""
-    members: list[EncoderConfig] | None = None
-    """name fused: the encoders run side by side (features concatenated per patch; their grids must agree).
-    The first member's image size and normalisation are the fused input's."""
+
+    def __new__(cls, *args, **kwargs):
+        name = args[0] if args else kwargs.get("name", "clip")
+        if "members" in kwargs and name != "fused":
+            raise ConfigError(f"encoder.members is only for name: fused (got name {name!r})")
+        if cls is EncoderConfig and name == "fused":
+            if len(args) > 1:
+                raise ConfigError("encoder fused: give `members` (and image_aspect, trust_remote_code) by name")
+            return FusedEncoderConfig(**FusedEncoderConfig._own_keys(dict(kwargs, name=name)))
+        return super().__new__(cls)
 
     def __post_init__(self):
-        if not isinstance(self.trust_remote_code, bool):
-            raise ConfigError(f"encoder.trust_remote_code must be true or false, got {self.trust_remote_code!r}")
-        if self.name == "fused" or self.members is not None:
-            self._check_fused()
-            return
+        _check_shared_encoder_fields(self)
         if self.path is None and self.config is None:
             raise ConfigError("encoder: give `path` (hub id or local dir) or `config` (random weights)")
         if self.position_init_std is not None:
@@ -70,25 +75,58 @@ class EncoderConfig:
                                   f"path {self.path!r} it would overwrite trained weights (drop one of them)")
             if not isinstance(self.position_init_std, (int, float)) or not self.position_init_std > 0:
                 raise ConfigError(f"encoder.position_init_std must be a number > 0, got {self.position_init_std!r}")
-        if self.image_aspect not in ("pad", "resize"):
-            raise ConfigError(f"encoder.image_aspect must be pad or resize, got {self.image_aspect!r}")
 
-    def _check_fused(self) -> None:
+    @classmethod
+    def _from_dict_class(cls, data: dict, where: str) -> tuple[type, dict]:
+        """from_dict's hook: FusedEncoderConfig for name fused. Folders saved before the split carry `members:
+        null` on single encoders and every single-encoder key (null) on a fused one: dropped when default."""
+        if data.get("name") != "fused" and data.get("members") is not None:
+            raise ConfigError(f"encoder.members is only for name: fused (got name {data.get('name')!r})")
+        if data.get("name") == "fused":
+            return FusedEncoderConfig, FusedEncoderConfig._own_keys(data)
+        return cls, {k: v for k, v in data.items() if k != "members"}
+
+
+def _check_shared_encoder_fields(cfg) -> None:
+    if not isinstance(cfg.trust_remote_code, bool):
+        raise ConfigError(f"encoder.trust_remote_code must be true or false, got {cfg.trust_remote_code!r}")
+    if cfg.image_aspect not in ("pad", "resize"):
+        raise ConfigError(f"encoder.image_aspect must be pad or resize, got {cfg.image_aspect!r}")
+
+
+@dataclass
+class FusedEncoderConfig:
+    """name fused: the encoders run side by side (features concatenated per patch; their grids must agree).
+    The first member's image size and normalisation are the fused input's."""
+
+    name: str = "fused"
+    members: list[EncoderConfig] | None = None
+    """At least 2 single encoders (EncoderConfig mappings)."""
+    image_aspect: str = "pad"
+    """pad: pad to a square with the mean colour (LLaVA-1.5); resize: stretch to the square."""
+    trust_remote_code: bool = False
+    """Let transformers run Python code shipped with a member's hub checkpoint (never on unless asked)."""
+
+    def __post_init__(self):
         if self.name != "fused":
             raise ConfigError(f"encoder.members is only for name: fused (got name {self.name!r})")
+        _check_shared_encoder_fields(self)
         if not isinstance(self.members, list) or len(self.members) < 2:
             raise ConfigError(f"encoder fused needs `members`: a list of at least 2 encoders, got {self.members!r}")
-        self.members = [m if isinstance(m, EncoderConfig) else from_dict(EncoderConfig, m, f"encoder.members[{i}]")
-                        for i, m in enumerate(self.members)]
-        if any(m.name == "fused" for m in self.members):
+        self.members = [m if isinstance(m, (EncoderConfig, FusedEncoderConfig))
+                        else from_dict(EncoderConfig, m, f"encoder.members[{i}]") for i, m in enumerate(self.members)]
+        if any(isinstance(m, FusedEncoderConfig) for m in self.members):
             raise ConfigError("encoder fused: a member cannot itself be fused")
-        own = {k: getattr(self, k) for k in ("path", "config", "position_init_std", "feature_layer", "image_size",
-                                            "image_mean", "image_std") if getattr(self, k) is not None}
-        if own:
-            raise ConfigError(f"encoder fused: set {sorted(own)} on its members, not on the fused encoder (the "
+
+    @classmethod
+    def _own_keys(cls, data: dict) -> dict:
+        """`data` without single-encoder keys that hold their default (None); any other is refused by name."""
+        single = _field_names(EncoderConfig) - _field_names(cls)
+        refused = sorted(k for k in single & set(data) if data[k] != EncoderConfig.__dataclass_fields__[k].default)
+        if refused:
+            raise ConfigError(f"encoder fused: set {refused} on its members, not on the fused encoder (the "
                               "first member's image size and normalisation are the input's)")
-        if self.image_aspect not in ("pad", "resize"):
-            raise ConfigError(f"encoder.image_aspect must be pad or resize, got {self.image_aspect!r}")
+        return {k: v for k, v in data.items() if k not in single}
 
 
 @dataclass
@@ -172,71 +210,162 @@ LLAVA_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 class TilingConfig:
     """High-resolution input: how one image becomes several encoder tiles. Saved with the model.
 
-    none: one tile per image (the encoder's square input; LLaVA-1.5). anyres: LLaVA-NeXT (a base
-    tile first, then the best-fitting canvas cut row-major; with `unpad` the padding is cropped from
-    the features and a learned `image_newline` ends each feature row). internvl: InternVL dynamic
-    tiling (row-major tiles of the closest-aspect grid, then a thumbnail). naflex: SigLIP 2 NaFlex (a
-    siglip2_vision_model encoder; each image resized keeping its aspect ratio to at most `max_num_patches`
-    patches, its own patch grid and so its own number of tokens).
+    One class per mode, chosen by `mode`: `TilingConfig(mode, ...)` (and `from_dict(TilingConfig, ...)`)
+    returns that mode's class, which holds and checks only its own fields.
+    none (NoTiling): one tile per image (the encoder's square input; LLaVA-1.5). anyres (AnyresTiling):
+    LLaVA-NeXT (a base tile first, then the best-fitting canvas cut row-major; with `unpad` the padding is
+    cropped from the features and a learned `image_newline` ends each feature row). internvl (InternVLTiling):
+    InternVL dynamic tiling (row-major tiles of the closest-aspect grid, then a thumbnail). naflex
+    (NaflexTiling): SigLIP 2 NaFlex (a siglip2_vision_model encoder; each image resized keeping its aspect
+    ratio to at most `max_num_patches` patches, its own patch grid and so its own number of tokens).
     """
 
     mode: str = "none"
     """none | anyres | internvl | naflex."""
+
+    MODE: ClassVar[str] = ""
+    """The mode a subclass stands for (registered in TILING_CLASSES)."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is not TilingConfig:
+            return super().__new__(cls)
+        sub = _tiling_class(args[0] if args else kwargs.get("mode", "none"))
+        foreign = sorted(set(kwargs) - _field_names(sub))
+        for key in foreign:  # another mode's option: say so instead of a bare TypeError
+            owner = next((c.MODE for c in TILING_CLASSES.values() if key in _field_names(c)), None)
+            if owner is not None:
+                raise ConfigError(f"tiling.{key} is a{'n' if owner[0] in 'aeiou' else ''} {owner} option; "
+                                  f"mode is {sub.MODE!r}")
+        return super().__new__(sub)
+
+    def __post_init__(self):
+        if self.mode != self.MODE:
+            raise ConfigError(f"tiling.mode {self.mode!r} does not fit {type(self).__name__} (mode {self.MODE!r})")
+
+    @classmethod
+    def _from_dict_class(cls, data: dict, where: str) -> tuple[type, dict]:
+        """from_dict's hook: the mode's class and the keys it takes. Saved folders written before the split
+        carry every mode's keys: another mode's key is dropped when it holds its default, refused otherwise."""
+        if cls is not TilingConfig:
+            return cls, data
+        sub = _tiling_class(data.get("mode", "none"))
+        kept = {}
+        for key, value in data.items():
+            owner = next((c for c in TILING_CLASSES.values() if key in _field_names(c)), None)
+            if key in _field_names(sub) or owner is None:  # its own key, or an unknown one (from_dict names it)
+                kept[key] = value
+            elif value != owner.__dataclass_fields__[key].default:
+                raise ConfigError(f"tiling.{key} is a{'n' if owner.MODE[0] in 'aeiou' else ''} {owner.MODE} "
+                                  f"option; mode is {sub.MODE!r}")
+        return sub, kept
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _tiling_class(mode) -> type[TilingConfig]:
+    if not isinstance(mode, str) or mode not in TILING_CLASSES:
+        raise ConfigError(f"tiling.mode must be one of {', '.join(TILING_MODES)}, got {mode!r}")
+    return TILING_CLASSES[mode]
+
+
+def _check_positive_or_none(key: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"tiling.{key} must be a positive integer or null, got {value!r}")
+
+
+def _check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"tiling.{key} must be true or false, got {value!r}")
+
+
+@dataclass
+class NoTiling(TilingConfig):
+    """mode none: one tile per image."""
+
+    MODE: ClassVar[str] = "none"
+
+
+@dataclass
+class AnyresTiling(TilingConfig):
+    """mode anyres: LLaVA-NeXT's AnyRes (LLaVA-OneVision's anyres_max_N with `anyres_max`)."""
+
+    MODE: ClassVar[str] = "anyres"
+    mode: str = "anyres"
     grid_pinpoints: str | list[list[int]] | None = None
-    """anyres canvases: a range "(1x1),...,(3x3)" in tiles (rows x cols), a list of [height, width] pixel
+    """Canvases: a range "(1x1),...,(3x3)" in tiles (rows x cols), a list of [height, width] pixel
     pairs (transformers' image_grid_pinpoints; multiples of the tile), or None: LLaVA-NeXT's 1x2, 2x1,
     2x2, 3x1, 1x3 tiles."""
     anyres_max: int | None = None
-    """anyres: N of LLaVA-OneVision's anyres_max_N (the unpadded feature grid is downscaled to about
+    """N of LLaVA-OneVision's anyres_max_N (the unpadded feature grid is downscaled to about
     N tiles' worth of tokens); None: no limit. Needs `unpad`."""
     unpad: bool = True
-    """anyres: crop the padding from the feature grid and end each row with `image_newline`
+    """Crop the padding from the feature grid and end each row with `image_newline`
     (LLaVA-NeXT's spatial_unpad); false: all tile tokens, no newline (spatial)."""
-    min_tiles: int = 1
-    """internvl: bounds on the tile grid (cols x rows)."""
-    max_tiles: int = 12
-    """internvl: per sample; with n images each gets max(1, max_tiles // n)."""
-    thumbnail: bool = True
-    """internvl: add the whole image as a last tile when there is more than one tile."""
-    max_num_patches: int | None = None
-    """naflex: at most this many patches per image (the SigLIP 2 processor's max_num_patches); None: the
-    checkpoint's num_patches (256 for google/siglip2-*-naflex)."""
 
     def __post_init__(self):
-        if self.mode not in TILING_MODES:
-            raise ConfigError(f"tiling.mode must be one of {', '.join(TILING_MODES)}, got {self.mode!r}")
-        for key in ("unpad", "thumbnail"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"tiling.{key} must be true or false, got {getattr(self, key)!r}")
+        super().__post_init__()
+        from .tiling.functions import parse_grid_pinpoints
+
+        _check_bool("unpad", self.unpad)
+        try:
+            if self.grid_pinpoints is not None:
+                parse_grid_pinpoints(self.grid_pinpoints, 1)
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise ConfigError(f"tiling.grid_pinpoints {self.grid_pinpoints!r}: {e}") from None
+        _check_positive_or_none("anyres_max", self.anyres_max)
+        if self.anyres_max is not None and not self.unpad:
+            raise ConfigError("tiling.anyres_max needs unpad: true (LLaVA-OneVision downscales the unpadded grid)")
+
+
+@dataclass
+class InternVLTiling(TilingConfig):
+    """mode internvl: InternVL dynamic tiling."""
+
+    MODE: ClassVar[str] = "internvl"
+    mode: str = "internvl"
+    min_tiles: int = 1
+    """Bounds on the tile grid (cols x rows)."""
+    max_tiles: int = 12
+    """Per sample; with n images each gets max(1, max_tiles // n)."""
+    thumbnail: bool = True
+    """Add the whole image as a last tile when there is more than one tile."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_bool("thumbnail", self.thumbnail)
         for key in ("min_tiles", "max_tiles"):
             if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
                 raise ConfigError(f"tiling.{key} must be an integer, got {getattr(self, key)!r}")
-        if self.mode == "anyres":
-            from .tiling.functions import parse_grid_pinpoints
-
-            try:
-                if self.grid_pinpoints is not None:
-                    parse_grid_pinpoints(self.grid_pinpoints, 1)
-            except (ValueError, SyntaxError, TypeError) as e:
-                raise ConfigError(f"tiling.grid_pinpoints {self.grid_pinpoints!r}: {e}") from None
-            if self.anyres_max is not None:
-                if not isinstance(self.anyres_max, int) or isinstance(self.anyres_max, bool) or self.anyres_max < 1:
-                    raise ConfigError(f"tiling.anyres_max must be a positive integer or null, got {self.anyres_max!r}")
-                if not self.unpad:
-                    raise ConfigError("tiling.anyres_max needs unpad: true (LLaVA-OneVision downscales the unpadded grid)")
-        if self.max_num_patches is not None:
-            if self.mode != "naflex":
-                raise ConfigError(f"tiling.max_num_patches is a naflex option; mode is {self.mode!r}")
-            v = self.max_num_patches
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"tiling.max_num_patches must be a positive integer or null, got {v!r}")
-        if self.mode == "internvl" and not 1 <= self.min_tiles <= self.max_tiles:
+        if not 1 <= self.min_tiles <= self.max_tiles:
             raise ConfigError(f"tiling: need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+
+
+@dataclass
+class NaflexTiling(TilingConfig):
+    """mode naflex: SigLIP 2 NaFlex."""
+
+    MODE: ClassVar[str] = "naflex"
+    mode: str = "naflex"
+    max_num_patches: int | None = None
+    """At most this many patches per image (the SigLIP 2 processor's max_num_patches); None: the
+    checkpoint's num_patches (256 for google/siglip2-*-naflex)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_positive_or_none("max_num_patches", self.max_num_patches)
+
+
+TILING_CLASSES: dict[str, type[TilingConfig]] = {c.MODE: c for c in (NoTiling, AnyresTiling, InternVLTiling,
+                                                                       NaflexTiling)}
+"""mode -> its config class; a new tiling mode adds its class here."""
 
 
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig
+    """A single encoder, or a FusedEncoderConfig (name fused; EncoderConfig and from_dict pick it)."""
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LLMConfig | None = None
     template: str = "vicuna_v1"
@@ -487,16 +616,22 @@ class RunConfig:
             raise ConfigError(f"stage names must be unique: {names}")
 
 
+_SAME_FAMILY = {EncoderConfig: (FusedEncoderConfig,)}
+"""Classes another builds too (EncoderConfig(name="fused") is a FusedEncoderConfig): taken as they are."""
+
+
 def from_dict(cls, data: Any, where: str = ""):
     """Build a (nested) dataclass from plain data, refusing unknown keys with the path to them."""
     if not dataclasses.is_dataclass(cls):
         return data
-    if isinstance(data, cls):
+    if isinstance(data, (cls, *_SAME_FAMILY.get(cls, ()))):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    if hasattr(cls, "_from_dict_class"):  # a family of classes (one per tiling mode, ...): the member that fits
+        cls, data = cls._from_dict_class(data, where)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _field_names(cls)
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(names)}")

@@ -78,14 +78,14 @@ def set_trust(config: ModelConfig, trust: bool) -> None:
     """The user's choice on every part (the folder's own flags are overwritten, never read)."""
     config.llm.trust_remote_code = bool(trust)
     config.encoder.trust_remote_code = bool(trust)
-    for m in config.encoder.members or []:
+    for m in getattr(config.encoder, "members", None) or []:  # a FusedEncoderConfig's
         m.trust_remote_code = bool(trust)
 
 
 def user_trusts(config: ModelConfig) -> bool:
     """Whether a model config (the user's own run config) opts in to remote code anywhere."""
     return bool(config.llm.trust_remote_code or config.encoder.trust_remote_code
-                or any(m.trust_remote_code for m in config.encoder.members or []))
+                or any(m.trust_remote_code for m in getattr(config.encoder, "members", None) or []))
 
 
 def read_model_folder(path, trust_remote_code: bool = False) -> tuple[dict, ModelConfig]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from ..config import EncoderConfig
+from ..config import EncoderConfig, FusedEncoderConfig
 from ..registry import ENCODERS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -473,7 +473,7 @@ class FusedEncoder(_Encoder):
     def model_type(self) -> str:
         return "+".join(m.model_type for m in self.members)
 
-    def saved_config(self, cfg: EncoderConfig) -> EncoderConfig:
+    def saved_config(self, cfg: FusedEncoderConfig) -> FusedEncoderConfig:
         return replace(cfg, members=[m.saved_config(c) for m, c in zip(self.members, cfg.members)])
 
     def member_input(self, k: int, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -500,12 +500,12 @@ class FusedEncoder(_Encoder):
 
 @dataclass(frozen=True)
 class FusedSpec:
-    """The `fused` kind: `members` are EncoderConfigs of other kinds."""
+    """The `fused` kind: a FusedEncoderConfig, whose `members` are EncoderConfigs of other kinds."""
 
-    def geometry(self, cfg: EncoderConfig) -> EncoderGeometry:
+    def geometry(self, cfg: FusedEncoderConfig) -> EncoderGeometry:
         return fuse_geometry([(m.name, encoder_geometry(m)) for m in cfg.members])
 
-    def build(self, cfg: EncoderConfig) -> FusedEncoder:
+    def build(self, cfg: FusedEncoderConfig) -> FusedEncoder:
         return FusedEncoder([build_encoder(m) for m in cfg.members])
 
 
@@ -589,11 +589,11 @@ def _stats(cfg: EncoderConfig):
     return cfg.image_mean or mean, cfg.image_std or std
 
 
-def encoder_geometry(cfg: EncoderConfig) -> EncoderGeometry:
+def encoder_geometry(cfg: EncoderConfig | FusedEncoderConfig) -> EncoderGeometry:
     """The encoder's input geometry and normalisation from its config alone (no weights loaded)."""
     return ENCODERS.get(cfg.name).geometry(cfg)
 
 
-def build_encoder(cfg: EncoderConfig) -> VisionEncoder | FusedEncoder:
+def build_encoder(cfg: EncoderConfig | FusedEncoderConfig) -> VisionEncoder | FusedEncoder:
     """From a hub id / local dir (`cfg.path`) or from a config with random weights (fused: each member so)."""
     return ENCODERS.get(cfg.name).build(cfg)
