@@ -1,4 +1,4 @@
-"""The shared workload and FLOP formula of the peer baseline (../shared/bench), with copies used only where that
+"""The shared workload, model shapes and FLOP formula of the peer baseline (../shared/bench), with copies used only where that
 folder is absent. Every benchmark script imports them from here."""
 from __future__ import annotations
 
@@ -12,6 +12,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(os.environ.get("VLMKIT_PEER_BENCH", REPO.parent / "shared" / "bench"))
 IMAGE_TOKENS = 576
+
+# the peer's model shapes
+LLMS = {  # model_type, hidden, intermediate, layers, heads, kv_heads, vocab (the peer's shapes)
+    "7b": ("llama", 4096, 11008, 32, 32, 32, 32064),  # Vicuna-7B / Llama-2-7B
+    "1.5b": ("qwen2", 1536, 8960, 28, 12, 2, 151936),  # Qwen2-1.5B
+    "0.5b": ("qwen2", 896, 4864, 24, 14, 2, 151936),  # Qwen2-0.5B
+    "tiny": ("llama", 64, 128, 2, 2, 2, 1024),  # smoke tests on CPU
+}
+VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+              num_attention_heads=16, image_size=336, patch_size=14)  # CLIP ViT-L/14-336
+TINY_VISION = dict(VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+
 
 
 def _text_lengths(n, stage=2, seed=0):

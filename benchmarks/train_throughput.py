@@ -38,17 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is use
 
 import numpy as np  # noqa: E402
 
-from peer_workload import SOURCE, text_lengths  # noqa: E402
+from peer_workload import LLMS, SOURCE, TINY_VISION, VISION, text_lengths  # noqa: E402
 
-LLMS = {  # model_type, hidden, intermediate, layers, heads, kv_heads, vocab (the peer's shapes)
-    "7b": ("llama", 4096, 11008, 32, 32, 32, 32064),  # Vicuna-7B / Llama-2-7B
-    "1.5b": ("qwen2", 1536, 8960, 28, 12, 2, 151936),  # Qwen2-1.5B
-    "0.5b": ("qwen2", 896, 4864, 24, 14, 2, 151936),  # Qwen2-0.5B
-    "tiny": ("llama", 64, 128, 2, 2, 2, 1024),  # smoke tests on CPU
-}
-VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-              num_attention_heads=16, image_size=336, patch_size=14)  # CLIP ViT-L/14-336
-TINY_VISION = dict(VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
 LR = {1: 1e-3, 2: 2e-5}  # LLaVA-1.5's
 
 
