@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
     from .training.preempt import handlers
     from .training.run import run
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
     if args.resume:
@@ -151,12 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub, common, trust) -> None:
-    from .config import add_resume_args
+    from .config import add_override_args, add_resume_args
 
     t = sub.add_parser("train", help="run every stage of a config", parents=[common])
-    t.add_argument("config")
-    t.add_argument("--output-dir")
-    t.add_argument("--cpu", action="store_true")
+    t.add_argument("config", help="a run config (YAML: model, stages, train)")
+    add_override_args(t)
+    t.add_argument("--output-dir", help="override train.output_dir")
+    t.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     add_resume_args(t)
     t.set_defaults(fn=cmd_train)
 
@@ -234,10 +235,11 @@ def _add_check_data(sub, common, trust) -> None:
 
 
 def main(argv=None) -> int:
+    from .config import parse_run_args
     from .errors import guard
     from .security import no_prompt_for_remote_code
 
-    args = build_parser().parse_args(argv)
+    args = parse_run_args(build_parser(), argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     no_prompt_for_remote_code()
     return guard(args.fn, f"vlmkit {args.cmd}", argv + (["--debug"] if args.debug else []), args)
