@@ -736,6 +736,43 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+def _plain(value):
+    """`value` with tuples as lists (what yaml.safe_dump and the loader take)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_config(cfg: "RunConfig", path: str | Path) -> Path:
+    """Write the resolved run config (after overrides, every default filled in) as YAML `load_config` reads back."""
+    path = Path(path)
+    path.write_text("# the resolved config of this run (vlmkit train this file runs it again)\n"
+                    + yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
+    return path
+
+
+def flat_config(cfg: "RunConfig") -> dict:
+    """The run config as one flat mapping for trackers' hyper-parameters (TensorBoard takes scalars and strings):
+    dotted keys as overrides write them (stages by name: `stages.finetune.lr`), lists and null as strings."""
+    data = _plain(to_dict(cfg))
+    data["stages"] = {s["name"]: s for s in data["stages"]}
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        else:  # lists, null, empty mappings
+            flat[prefix] = str(value)
+
+    walk("", data)
+    return flat
+
+
 @dataclass
 class PlanConfig:
     """A stage plan without a model: for fine-tuning a model that already exists."""
