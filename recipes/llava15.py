@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vlmkit.config import add_resume_args, apply_run_args, load_config  # noqa: E402
+from vlmkit.config import add_override_args, add_resume_args, apply_run_args  # noqa: E402
+from vlmkit.config import load_config, parse_run_args  # noqa: E402
 from vlmkit.experiments.demo import prepare, relocate  # noqa: E402
 from vlmkit.experiments.metrics import demo_metrics  # noqa: E402
 from vlmkit.training.engine import make_accelerator  # noqa: E402
@@ -31,10 +32,11 @@ def main(argv=None):
     ap.add_argument("--cpu", action="store_true", help="force CPU (e.g. a 2-process gloo run)")
     ap.add_argument("--demo-train-images", type=int, default=12000)
     add_resume_args(ap)
-    args = ap.parse_args(argv)
+    add_override_args(ap)
+    args = parse_run_args(ap, argv)
 
     demo = args.config is None
-    cfg = load_config(args.config or HERE / "configs" / "llava15_demo.yaml")
+    cfg = load_config(args.config or HERE / "configs" / "llava15_demo.yaml", args.overrides)
     apply_run_args(cfg.train, args)
     out = Path(cfg.train.output_dir)
     if demo:  # the demo writes its data and tokenizer under the chosen output dir

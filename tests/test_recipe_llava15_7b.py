@@ -138,3 +138,34 @@ def test_recipe_script_runs_the_real_config(hub, tmp_path, monkeypatch):
 
     final = VLM.from_pretrained(run / "model")
     assert final.encoder.num_tokens == 576 and final.config.template == "vicuna_v1"
+
+
+def test_recipe_script_takes_overrides(hub, tmp_path, monkeypatch, capsys):
+    """recipes/llava15.py --config X key=value ...: the shipped config (hub ids pointed at the tiny stand-ins)
+    made CPU-sized by overrides alone, stages by name and by index, options before and after them."""
+    cfg_path = tmp_path / "llava15_local.yaml"
+    cfg_path.write_text(yaml.safe_dump(local_config(hub, tmp_path)))
+    _write_llava_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import llava15
+    finally:
+        sys.path.pop(0)
+    stage = ["max_steps=1", "per_device_batch_size=4", "global_batch_size=8", "compile=false", "data.num_workers=0"]
+    llava15.main(["--config", str(cfg_path), *[f"stages.pretrain.{o}" for o in stage], "--cpu",
+                  *[f"stages.1.{o}" for o in stage], "stages.finetune.lr=1e-4", "train.mixed_precision='no'",
+                  f"train.output_dir={tmp_path / 'run'}", "train.log_with=null"])
+    run = tmp_path / "run"
+    for name in ("pretrain", "finetune"):
+        m = json.loads((run / name / "metrics.json").read_text())
+        assert m["steps"] == 1 and m["samples"] == 8
+    assert (run / "model" / "config.json").exists()
+    from vlmkit.config import load_config
+
+    saved = load_config(run / "config.yaml")  # the resolved config, overrides applied
+    assert saved.stages[1].lr == 1e-4 and saved.stages[0].max_steps == 1 and saved.train.log_with is None
+    out = capsys.readouterr().out  # the end-of-run summary
+    assert "run finished: 2 stage(s)" in out and f"model: {run / 'model'}" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith(("pretrain ", "finetune "))] == [
+        ["pretrain", "1"], ["finetune", "1"]]

@@ -1,6 +1,6 @@
-"""`vlmkit train | eval | chat`.
+"""`vlmkit train | eval | chat | export | import | check-data`.
 
-    vlmkit train CONFIG.yaml                 (or: accelerate launch -m vlmkit.cli train CONFIG.yaml)
+    vlmkit train CONFIG.yaml [KEY=VALUE ...] (or: accelerate launch -m vlmkit.cli train CONFIG.yaml ...)
     vlmkit eval MODEL_DIR --data eval.json   accuracy against reference answers
     vlmkit chat MODEL_DIR --image cat.png --prompt "What is this?"   one-shot; without --prompt: interactive
     vlmkit export RUN_OR_MODEL_DIR OUT_DIR   transformers-native Llava / LlavaNext / InternVL (picked from the parts)
@@ -16,6 +16,7 @@ A model folder's own Python code never runs unless --trust-remote-code is given 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def cmd_train(args) -> int:
     from .training.preempt import handlers
     from .training.run import run
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
     if args.resume:
@@ -134,43 +135,58 @@ def cmd_check_data(args) -> int:
     return run_cli(args)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, each option's default (where it has one) after its help, one line per verb."""
+
+    def __init__(self, prog, **kw):
+        super().__init__(prog, **{"max_help_position": 30, "width": 110, **kw})
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, "", argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """`vlmkit VERB ...`: one sub-parser per verb, each with --debug (and --trust-remote-code where a model
     folder is loaded)."""
-    ap = argparse.ArgumentParser(prog="vlmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="vlmkit", description=__doc__, formatter_class=HelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error (or VLMKIT_DEBUG=1)")
     trust = argparse.ArgumentParser(add_help=False)
     trust.add_argument("--trust-remote-code", action="store_true",
                        help="let the model folder's own Python code run, for this command (only for a folder "
                             "whose author you trust; a folder's config.json cannot switch this on)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, title="verbs")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # defaults shown
     for add in (_add_train, _add_eval, _add_chat, _add_export, _add_import, _add_check_data):
         add(sub, common, trust)
     return ap
 
 
 def _add_train(sub, common, trust) -> None:
-    from .config import add_resume_args
+    from .config import add_override_args, add_resume_args
 
     t = sub.add_parser("train", help="run every stage of a config", parents=[common])
-    t.add_argument("config")
-    t.add_argument("--output-dir")
-    t.add_argument("--cpu", action="store_true")
+    t.add_argument("config", help="a run config (YAML: model, stages, train)")
+    add_override_args(t)
+    t.add_argument("--output-dir", help="override train.output_dir")
+    t.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     add_resume_args(t)
     t.set_defaults(fn=cmd_train)
 
 
 def _add_eval(sub, common, trust) -> None:
-    e = sub.add_parser("eval", help="accuracy on a LLaVA-format file or HF dataset with reference answers",
+    e = sub.add_parser("eval", help="accuracy on questions with reference answers (LLaVA-format file or HF dataset)",
                        parents=[common, trust])
-    e.add_argument("model")
-    e.add_argument("--data", required=True)
-    e.add_argument("--image-folder", default="")
+    e.add_argument("model", help="a vlmkit model folder, or a run folder (its model/ is used)")
+    e.add_argument("--data", required=True, help="questions with reference answers (LLaVA-format JSON/JSONL or HF)")
+    e.add_argument("--image-folder", default="", help="images are relative to this folder ('': the data file's)")
     e.add_argument("--blank-images", action="store_true",
                    help="also answer with every image replaced by a blank one (how much comes from the text alone)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--batch-size", type=int, default=64, help="questions answered at once")
+    e.add_argument("--max-new-tokens", type=int, default=16, help="longest answer")
     e.add_argument("--output-dir", help="write eval.json (every answer) and eval.md (the table) here")
     e.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     e.set_defaults(fn=cmd_eval)
@@ -178,20 +194,20 @@ def _add_eval(sub, common, trust) -> None:
 
 def _add_chat(sub, common, trust) -> None:
     c = sub.add_parser("chat", help="talk to a model about an image", parents=[common, trust])
-    c.add_argument("model")
-    c.add_argument("--image")
+    c.add_argument("model", help="a vlmkit model folder, or a run folder (its model/ is used)")
+    c.add_argument("--image", help="an image file to talk about")
     c.add_argument("--prompt", help="one-shot: answer this and exit")
-    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (with --temperature > 0)")
     c.set_defaults(fn=cmd_chat)
 
 
 def _add_export(sub, common, trust) -> None:
-    x = sub.add_parser("export", help="export to transformers-native Llava / LlavaNext / InternVL "
-                                      "(AutoModelForImageTextToText)", parents=[common])
+    x = sub.add_parser("export", help="a vlmkit model -> transformers-native Llava / LlavaNext / InternVL folder",
+                       parents=[common])
     x.add_argument("model", help="a model folder, or a run folder (its model/ is used)")
-    x.add_argument("out_dir")
+    x.add_argument("out_dir", help="the transformers-native folder to write")
     x.add_argument("--template", help="chat template to write (default: the model's)")
     x.set_defaults(fn=cmd_export)
 
@@ -200,7 +216,7 @@ def _add_import(sub, common, trust) -> None:
     m = sub.add_parser("import", help="a transformers-native Llava / LlavaNext / InternVL checkpoint -> vlmkit folder",
                        parents=[common])
     m.add_argument("source", help="a local folder or a hub id")
-    m.add_argument("out_dir")
+    m.add_argument("out_dir", help="the vlmkit model folder to write")
     m.add_argument("--template", help="vlmkit chat template (default: inferred from the checkpoint's)")
     m.add_argument("--image-aspect", choices=("pad", "resize"), help="Llava only (default: from its image processor)")
     m.set_defaults(fn=cmd_import)
@@ -234,10 +250,11 @@ def _add_check_data(sub, common, trust) -> None:
 
 
 def main(argv=None) -> int:
+    from .config import parse_run_args
     from .errors import guard
     from .security import no_prompt_for_remote_code
 
-    args = build_parser().parse_args(argv)
+    args = parse_run_args(build_parser(), argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     no_prompt_for_remote_code()
     return guard(args.fn, f"vlmkit {args.cmd}", argv + (["--debug"] if args.debug else []), args)

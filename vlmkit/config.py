@@ -736,6 +736,43 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+def _plain(value):
+    """`value` with tuples as lists (what yaml.safe_dump and the loader take)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_config(cfg: "RunConfig", path: str | Path) -> Path:
+    """Write the resolved run config (after overrides, every default filled in) as YAML `load_config` reads back."""
+    path = Path(path)
+    path.write_text("# the resolved config of this run (vlmkit train this file runs it again)\n"
+                    + yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False))
+    return path
+
+
+def flat_config(cfg: "RunConfig") -> dict:
+    """The run config as one flat mapping for trackers' hyper-parameters (TensorBoard takes scalars and strings):
+    dotted keys as overrides write them (stages by name: `stages.finetune.lr`), lists and null as strings."""
+    data = _plain(to_dict(cfg))
+    data["stages"] = {s["name"]: s for s in data["stages"]}
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        else:  # lists, null, empty mappings
+            flat[prefix] = str(value)
+
+    walk("", data)
+    return flat
+
+
 @dataclass
 class PlanConfig:
     """A stage plan without a model: for fine-tuning a model that already exists."""
@@ -770,9 +807,85 @@ def load_stages(path: str | Path) -> tuple[list[StageConfig], TrainConfig]:
     return plan.stages, plan.train
 
 
-def load_config(path: str | Path) -> RunConfig:
-    data = read_yaml(path)
+def load_config(path: str | Path, overrides=()) -> RunConfig:
+    """The run config in `path`, with dotted `key=value` overrides (see `apply_overrides`) applied first."""
+    data = apply_overrides(read_yaml(path), overrides)
     try:
         return from_dict(RunConfig, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        given = f" (with overrides {' '.join(overrides)})" if overrides else ""
+        raise ConfigError(f"{path}{given}: {e}") from None
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """A copy of the raw config `data` with each `a.b.c=value` of `overrides` set, before the typed config is built
+    (so its checks and errors apply as to the YAML). Values are YAML scalars or flow lists (`true`, `1e-4`,
+    `[1, 2]`, `null`); in a list, a part is an index (`stages.0.lr`) or a stage name (`stages.finetune.lr`);
+    missing mappings on the way are created (their keys are checked when the config is built)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {item!r}: expected dotted.key=value (e.g. stages.finetune.lr=1e-4)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        node = data
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i]) or "the config"
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                index = _list_index(node, part, item, where)
+                if last:
+                    node[index] = value
+                else:
+                    node[index] = {} if node[index] is None else node[index]
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node[part] = {} if node.get(part) is None else node[part]
+                    node = node[part]
+            else:
+                raise ConfigError(f"override {item!r}: {where} is {node!r}, not a mapping or a list")
+    return data
+
+
+def _list_index(items: list, part: str, item: str, where: str) -> int:
+    """The position `part` names in the list `items` (at `where`): an index, or the name of an item (a stage)."""
+    names = [x.get("name") for x in items if isinstance(x, dict)]
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise ConfigError(f"override {item!r}: {where} has {len(items)} item(s), no index {index}")
+        return index % len(items)
+    if part not in names:
+        raise ConfigError(f"override {item!r}: {where} has no item named {part!r}; names: "
+                          f"{', '.join(map(str, names)) or '(none)'}")
+    return names.index(part)
+
+
+def parse_run_args(parser, argv=None):
+    """`parser.parse_args(argv)` where `key=value` overrides may also come after options (`x.yaml --cpu a=1`):
+    they are added to `args.overrides` (a parser without `add_override_args` takes none)."""
+    args, extra = parser.parse_known_args(argv)
+    takes = hasattr(args, "overrides")
+    bad = [x for x in extra if not takes or x.startswith("-") or "=" not in x]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if takes:
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
+def add_override_args(parser) -> None:
+    """Positional `key=value` overrides after the config on a training command line."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides of the config, applied before it is checked, e.g. "
+                             "stages.finetune.lr=1e-4 stages.0.max_steps=10 train.output_dir=runs/x "
+                             "model.tiling.mode=anyres (values are YAML: true, 1e-4, [1, 2], null)")

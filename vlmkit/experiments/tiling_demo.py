@@ -74,7 +74,7 @@ def main(argv, doc: str, demo_config: Path, label: str) -> None:
     """A high-resolution recipe's command line (recipes/llava_next.py, recipes/internvl.py): `--config` trains
     that run config; without it, the embedded demo (data written under the output dir, the tiled model
     trained and, unless --no-compare-single-tile, the same model with one tile; both reported)."""
-    from ..config import add_resume_args, apply_run_args, load_config
+    from ..config import add_override_args, add_resume_args, apply_run_args, load_config, parse_run_args
     from ..training.engine import make_accelerator
     from .demo import relocate
     from .demo_highres import prepare
@@ -88,10 +88,11 @@ def main(argv, doc: str, demo_config: Path, label: str) -> None:
     ap.add_argument("--compare-single-tile", action=argparse.BooleanOptionalAction, default=True,
                     help="demo: also train with one tile per image and report both accuracies (default: on)")
     add_resume_args(ap)
-    args = ap.parse_args(argv)
+    add_override_args(ap)
+    args = parse_run_args(ap, argv)
 
     demo = args.config is None
-    cfg = load_config(args.config or demo_config)
+    cfg = load_config(args.config or demo_config, args.overrides)
     apply_run_args(cfg.train, args)
     out = Path(cfg.train.output_dir)
     accelerator = make_accelerator(cfg.train, cpu=args.cpu)

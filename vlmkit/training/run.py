@@ -10,13 +10,14 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from ..config import RunConfig
+from ..config import RunConfig, flat_config, save_config
 from . import checkpoint as ckpt
 from . import loop
 from . import precision as prec
 from .batches import make_dataset
 from .engine import build_device, engine, full_state_dict, make_accelerator, plain_init, shards_weights
 from .stages import validate_plan
+from .summary import summary
 
 
 def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu: bool = False) -> tuple:
@@ -56,6 +57,7 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     model = final_model(cfg, accelerator, model, out, point, saved["final"])
     for tracker in accelerator.trackers:  # not end_training(): that also destroys the process group, and the
         tracker.finish()                  # accelerator returned here must still synchronise (it ends at exit)
+    accelerator.print(summary(metrics, out, cfg.train.save_models), end="")
     return model, accelerator, metrics
 
 
@@ -72,8 +74,10 @@ def start_run(cfg: RunConfig, accelerator: Accelerator) -> tuple[Path, ckpt.Resu
             ckpt.forget(out, names)
     accelerator.wait_for_everyone()
     point = ckpt.find_resume(out, names, cfg.train.resume)
+    if accelerator.is_main_process:  # the resolved config (after overrides): what this run trained with
+        save_config(cfg, out / "config.yaml")
     if cfg.train.log_with:
-        accelerator.init_trackers("vlmkit")
+        accelerator.init_trackers("vlmkit", config=flat_config(cfg))
     return out, point
 
 
