@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -289,34 +286,21 @@ def _is_export_dir(path: Path) -> bool:
 
 
 def write_export(out_dir, hf_model, save_processor, card: str) -> Path:
-    """Write model + processor (`save_processor(folder)`) + README.md to a temporary folder, fsync it, then move it
-    to `out_dir` (replacing a previous export there, nothing else).
-
-    A second atomic folder writer beside `VLM.save_pretrained` (it shares only `fsync_dir`): to be replaced by the
-    one writer of vlmkit/models/serialization.py once that lands (issue 17)."""
-    from ..models.serialization import fsync_dir
+    """Model + processor (`save_processor(folder)`) + README.md, written through vlmkit's one atomic folder writer
+    (`models.serialization.write_folder`: a temporary folder, fsynced, then renamed into place), replacing a
+    previous export at `out_dir` and nothing else."""
+    from ..models.serialization import write_folder
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not _is_export_dir(out):
         raise FileExistsError(f"{out} exists and is not a Llava / LlavaNext / InternVL export; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         hf_model.save_pretrained(str(tmp), safe_serialization=True)
         save_processor(tmp)
         (tmp / "README.md").write_text(card)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        fsync_dir(out.parent)  # the rename itself survives a power loss
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(out, write)
     return out
 
 

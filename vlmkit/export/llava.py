@@ -125,15 +125,20 @@ def llava_image_processor(model):
 def llava_processor(model, template: str | None = None):
     from transformers import LlavaProcessor
 
+    return _processor(LlavaProcessor, llava_image_processor(model), model, template)
+
+
+def _processor(cls, image_processor, model, template: str | None):
+    """A Llava-family processor (LlavaProcessor, LlavaNextProcessor): the image processor, the trained tokenizer,
+    vlmkit's chat template as Jinja and the placeholder settings of the model's encoder."""
     from ..data.conversation import get_template
 
     tok = model.tokenizer
     chat = template_to_jinja(get_template(template or model.config.template), model.config.llm.image_token, tok)
-    return LlavaProcessor(image_processor=llava_image_processor(model), tokenizer=tok,
-                          patch_size=model.encoder.patch_size,
-                          vision_feature_select_strategy=_strategy(model),
-                          num_additional_image_tokens=model.encoder.num_prefix_tokens,
-                          chat_template=chat, image_token=model.config.llm.image_token)
+    return cls(image_processor=image_processor, tokenizer=tok, patch_size=model.encoder.patch_size,
+               vision_feature_select_strategy=_strategy(model),
+               num_additional_image_tokens=model.encoder.num_prefix_tokens,
+               chat_template=chat, image_token=model.config.llm.image_token)
 
 
 def llava_next_image_processor(model):
@@ -154,15 +159,7 @@ def llava_next_image_processor(model):
 def llava_next_processor(model, template: str | None = None):
     from transformers import LlavaNextProcessor
 
-    from ..data.conversation import get_template
-
-    tok = model.tokenizer
-    chat = template_to_jinja(get_template(template or model.config.template), model.config.llm.image_token, tok)
-    return LlavaNextProcessor(image_processor=llava_next_image_processor(model), tokenizer=tok,
-                              patch_size=model.encoder.patch_size,
-                              vision_feature_select_strategy=_strategy(model),
-                              num_additional_image_tokens=model.encoder.num_prefix_tokens,
-                              chat_template=chat, image_token=model.config.llm.image_token)
+    return _processor(LlavaNextProcessor, llava_next_image_processor(model), model, template)
 
 
 def _strategy(model) -> str:
