@@ -409,7 +409,48 @@ class DataConfig:
     """With `pack`: the most tokens in one packed row (0: the whole micro-batch in one row). A longer sample gets a
     row of its own."""
 
+    # --- video samples (`"video": "clip.mp4"` or a folder of frames; vlmkit/data/video.py) ---
+    video_folder: str = ""
+    """Video files and frame folders are resolved relative to this folder (default: `image_folder`); paths must
+    stay inside it as image paths do (`allow_absolute_image_paths` lifts that for both)."""
+    max_frames: int = 8
+    """The most frames sampled from one video, uniformly over the clip (LLaVA-NeXT's `frames_upbound`)."""
+    fps: float | None = None
+    """Sample at this many frames per second of video (every round(rate / fps)-th frame), capped at `max_frames`
+    (uniformly over the clip when there would be more); null: `max_frames` frames uniformly."""
+    max_video_tokens: int | None = None
+    """Per-video placeholder budget: the frame count is lowered (before decoding) until the video's tokens fit;
+    a video over it even at one frame is a bad sample (video_too_long). Null: no budget."""
+    video_time_prompt: bool = False
+    """Add LLaVA-Video's time prompt ("The video lasts for X seconds, and N frames are uniformly sampled from it.
+    These frames are located at ...") between the video and the first question."""
+    max_frame_pixels: int | None = 4096 * 4096
+    """A video whose header declares frames of more pixels is refused before decoding; null or 0: no limit."""
+    frames_fps: float = 1.0
+    """Frames per second of a folder of frames (its timestamps: frame i at i / frames_fps seconds)."""
+    max_video_seconds: float | None = None
+    """A video longer than this (from its header) is a bad sample (video_too_long); null: any length."""
+
+    def _check_video(self) -> None:
+        if not isinstance(self.max_frames, int) or isinstance(self.max_frames, bool) or self.max_frames < 1:
+            raise ConfigError(f"data.max_frames must be an integer >= 1, got {self.max_frames!r}")
+        for key in ("fps", "max_video_seconds", "frames_fps"):
+            v = getattr(self, key)
+            if (v is not None or key == "frames_fps") and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                           or v <= 0):
+                raise ConfigError(f"data.{key} must be a number > 0{'' if key == 'frames_fps' else ' or null'}, "
+                                  f"got {v!r}")
+        for key in ("max_video_tokens", "max_frame_pixels"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ConfigError(f"data.{key} must be an integer >= 0 or null, got {v!r}")
+        if not isinstance(self.video_time_prompt, bool):
+            raise ConfigError(f"data.video_time_prompt must be true or false, got {self.video_time_prompt!r}")
+        if not isinstance(self.video_folder, str):
+            raise ConfigError(f"data.video_folder must be a path, got {self.video_folder!r}")
+
     def __post_init__(self):
+        self._check_video()
         if self.on_bad_sample not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_sample must be error or skip, got {self.on_bad_sample!r}")
         if not isinstance(self.pack, bool):
