@@ -250,24 +250,25 @@ def frames_for_budget(max_frames: int, tokens_for: Callable[[int], int] | None,
 # --- decoding --------------------------------------------------------------------------------------------------
 
 def _decode_indices(container, wanted: list[int], fps: float, max_frame_pixels: int | None, name: str,
-                    seek_gap: int | None = None) -> list:
+                    seek_gap: int | None = None, stats: dict | None = None) -> list:
     """The frames at `wanted` (sorted, may repeat), as av.VideoFrame, in one forward pass with a seek (to the
     keyframe at or before the target) when the next wanted frame is more than `seek_gap` frames ahead; at most one
     seek per wanted frame, so at most sum(target + 1 for each seek) + max(wanted) + 1 frames are decoded (a stream
-    whose timestamps never reach a target is refused). A stream that ends early repeats its last frame."""
+    whose timestamps never reach a target is refused). A stream that ends early repeats its last frame.
+    `stats`, when given, receives the counts of frames decoded and seeks made."""
     seek_gap = SEEK_GAP if seek_gap is None else seek_gap
     s = container.streams.video[0]
     start = float(s.start_time * s.time_base) if s.start_time is not None and s.time_base else 0.0
     targets = sorted(set(wanted))
     got: dict[int, object] = {}
     budget, decoded, pos, t, last = targets[-1] + 1, 0, -1, 0, None
-    frames, sought, timed = container.decode(s), -1, True
+    frames, sought, timed, seeks = container.decode(s), -1, True, 0
     while t < len(targets):
         target = targets[t]
         if timed and s.time_base and target - pos > seek_gap and sought != target:
             try:
                 container.seek(int((target / fps + start) / s.time_base), stream=s, backward=True)
-                frames, budget = container.decode(s), budget + target + 1
+                frames, budget, seeks = container.decode(s), budget + target + 1, seeks + 1
             except Exception:  # a stream that cannot seek: decode forward
                 timed = False
             sought = target
@@ -290,6 +291,8 @@ def _decode_indices(container, wanted: list[int], fps: float, max_frame_pixels: 
         while t < len(targets) and pos >= targets[t]:
             got[targets[t]] = frame
             t += 1
+    if stats is not None:
+        stats.update(decoded=decoded, seeks=seeks)
     if last is None:
         raise VideoError(f"video {name}: no frame could be decoded", "video_no_frames")
     return [got.get(i, last) for i in wanted]
