@@ -166,7 +166,7 @@ def test_seeking_and_forward_decoding_give_the_same_frames(clips, seek_gap):
         c.close()
     levels = [int(np.asarray(f.to_image())[16, 16, 0]) for f in frames]
     assert all(abs(level - i) <= 1 for level, i in zip(levels, wanted)), levels
-    # 10_000: one forward pass over all 200 frames; 64: one seek (57 -> 120), 7: three (0 -> 57 -> 120 -> 199)
+    # 10_000: one forward pass over all 200 frames; 64: one seek (121 -> 199); 7: three (3 -> 57 -> 120 -> 199)
     assert stats == {10_000: {"decoded": 200, "seeks": 0}, 64: {"decoded": 132, "seeks": 1},
                      7: {"decoded": 25, "seeks": 3}, 0: {"decoded": 35, "seeks": 7}}[seek_gap]
 

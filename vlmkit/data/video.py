@@ -47,6 +47,8 @@ FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 SEEK_GAP = 64
 """Decoding seeks (to the keyframe before the wanted frame) only when the next wanted frame is more than this
 many frames ahead of the decoder; nearer frames are reached by decoding forward."""
+DECODE_THREADS = 1
+"""FFmpeg decoding threads per video: one, since DataLoader workers already decode in parallel (one per core)."""
 KINDS = ("video_missing", "video_corrupt", "video_no_frames", "video_too_large", "video_too_long",
          "video_outside_folder")
 
@@ -301,8 +303,7 @@ def _decode_indices(container, wanted: list[int], fps: float, max_frame_pixels: 
 def _decode_file(path: str, info: VideoInfo, wanted: list[int], max_frame_pixels, name: str) -> list:
     container = _open(path)
     try:
-        s = container.streams.video[0]
-        s.thread_type = "AUTO"
+        container.streams.video[0].codec_context.thread_count = DECODE_THREADS
         frames = _decode_indices(container, wanted, info.fps, max_frame_pixels, name)
         return [f.to_image() for f in frames]  # RGB24
     except VideoError:
