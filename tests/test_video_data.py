@@ -6,6 +6,7 @@ import os
 import random
 import wave
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -15,9 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 from vlmkit.config import ConfigError, DataConfig, from_dict
 from vlmkit.data import video as V
 from vlmkit.experiments import video_demo as D
-
-av = pytest.importorskip("av")
-RED = D.COLORS["red"]
 
 
 def moving_square(n: int, size: int = 32, side: int = 6, step: int = 2) -> list[np.ndarray]:
