@@ -495,7 +495,7 @@ class StageConfig:
     warmup_stable_decay (not the ones that step on a metric: reduce_lr_on_plateau, greedy). Warmup: warmup_ratio."""
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to the schedule's function (transformers' `scheduler_specific_kwargs`), e.g. {num_cycles: 2} for
-    cosine_with_restarts, {min_lr_ratio: 0.1} for cosine_with_min_lr, {num_decay_steps: 100} for
+    cosine_with_restarts, {min_lr_rate: 0.1} for cosine_with_min_lr, {num_decay_steps: 100} for
     warmup_stable_decay."""
 
     OPTIMIZERS: ClassVar[tuple[str, ...]] = ("adamw", "adamw_8bit")
