@@ -26,27 +26,27 @@ def test_flat_config_is_scalars_with_dotted_keys():
 
 
 def test_start_run_writes_the_config_and_gives_the_trackers_its_hparams(tmp_path, monkeypatch):
+    from vlmkit.training import trackers
     from vlmkit.training.engine import make_accelerator
     from vlmkit.training.run import start_run
 
     cfg = load_config(CONFIGS / "llava15_demo.yaml", [f"train.output_dir={tmp_path / 'run'}",
                                                       "stages.finetune.lr=1e-4", "train.log_with=tensorboard"])
     acc = make_accelerator(cfg.train, cpu=True)
+    (tracker,) = acc.log_with
     seen = {}
-    real = acc.init_trackers
+    real = type(tracker).store_init_configuration
 
-    def spy(name, config=None, **kw):
-        seen.update(name=name, config=config)
-        return real(name, config=config, **kw)  # the real TensorBoard tracker takes them (add_hparams)
+    def spy(self, values):
+        seen.update(values)
+        return real(self, values)  # the real TensorBoard tracker takes them (add_hparams)
 
-    monkeypatch.setattr(acc, "init_trackers", spy)
+    monkeypatch.setattr(type(tracker), "store_init_configuration", spy)
     out, point = start_run(cfg, acc)
     try:
         assert point is None and load_config(out / "config.yaml") == cfg
-        assert seen["name"] == "vlmkit" and seen["config"] == flat_config(cfg)
-        assert seen["config"]["stages.finetune.lr"] == 1e-4
-        events = list((out / "vlmkit").rglob("events.out.tfevents.*"))
+        assert seen == flat_config(cfg) and seen["stages.finetune.lr"] == 1e-4
+        events = list((out / "vlmkit" / "run").rglob("events.out.tfevents.*"))  # <project>/<run name>
         assert events, sorted(p.name for p in out.rglob("*"))
     finally:
-        for t in acc.trackers:
-            t.finish()
+        trackers.finish(acc)

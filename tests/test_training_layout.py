@@ -25,7 +25,7 @@ MOVED = {  # old path -> new path
     "vlmkit.data.demo": "vlmkit.experiments.demo",
     "vlmkit.data.demo_highres": "vlmkit.experiments.demo_highres",
 }
-TRAIN = {"run": "run", "train_stage": "loop", "make_optimizer": "loop", "BatchStream": "batches",
+TRAIN = {"run": "run", "train_stage": "loop", "make_optimizer": "optim", "BatchStream": "batches",
          "draw_window": "batches", "window_counts": "batches", "make_dataset": "batches", "make_loader": "batches",
          "micro_batching": "batches", "make_accelerator": "engine", "cpu_threads": "engine", "engine": "engine",
          "shards_weights": "engine", "configure_engine": "engine", "match_zero3_dtype": "engine",

@@ -523,8 +523,32 @@ class StageConfig:
     compile: bool = False
     """torch.compile each LLM decoder layer for this stage's training (`VLM.compile_decoder_layers`, dynamic
     shapes): the first steps are slower while it compiles, later ones faster on GPU."""
+    optimizer: str = "adamw"
+    """adamw (torch.optim.AdamW, fused on CUDA) | adamw_8bit (bitsandbytes' 8-bit AdamW: CUDA only; under
+    train.precision bf16-master its 8-bit states belong to the fp32 master weights; vlmkit/training/optim.py)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW's epsilon."""
+    lr_scheduler: str = "cosine"
+    """Any schedule `transformers.get_scheduler` knows: cosine | linear | constant | constant_with_warmup |
+    cosine_with_restarts | polynomial | inverse_sqrt | cosine_with_min_lr | cosine_warmup_with_min_lr |
+    warmup_stable_decay (not the ones that step on a metric: reduce_lr_on_plateau, greedy). Warmup: warmup_ratio."""
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the schedule's function (transformers' `scheduler_specific_kwargs`), e.g. {num_cycles: 2} for
+    cosine_with_restarts, {min_lr_rate: 0.1} for cosine_with_min_lr, {num_decay_steps: 100} for
+    warmup_stable_decay."""
+
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("adamw", "adamw_8bit")
+    """The values `optimizer` takes (vlmkit/training/optim.py builds them)."""
+    SCHEDULERS_REFUSED: ClassVar[dict[str, str]] = {
+        "reduce_lr_on_plateau": "it steps on a validation metric, and the loop steps the schedule once per "
+                                "optimizer step without one",
+        "greedy": "it steps on a metric, and the loop steps the schedule once per optimizer step without one"}
+    """transformers schedules a stage cannot use, with the reason."""
 
     def __post_init__(self):
+        self._check_optimizer()
         if not isinstance(self.compile, bool):
             raise ConfigError(f"stage {self.name!r}: compile must be true or false, got {self.compile!r}")
         for key in ("gradient_checkpointing_every", "gradient_checkpointing_skip"):
@@ -545,6 +569,29 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r} trains nothing")
         if self.global_batch_size < 1 or self.per_device_batch_size < 1:
             raise ConfigError(f"stage {self.name!r}: batch sizes must be >= 1")
+
+    def _check_optimizer(self) -> None:
+        """optimizer, betas, eps and lr_scheduler name known values (the schedule's kwargs are checked by building
+        it: vlmkit.training.optim.check_stages, before the model is built)."""
+        if self.optimizer not in self.OPTIMIZERS:
+            raise ConfigError(f"stage {self.name!r}: unknown optimizer {self.optimizer!r}; known: "
+                              f"{', '.join(self.OPTIMIZERS)}")
+        betas = self.betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"stage {self.name!r}: betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = [float(b) for b in betas]
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ConfigError(f"stage {self.name!r}: eps must be a number > 0, got {self.eps!r}")
+        if self.lr_scheduler in self.SCHEDULERS_REFUSED:
+            raise ConfigError(f"stage {self.name!r}: lr_scheduler {self.lr_scheduler} cannot be used: "
+                              f"{self.SCHEDULERS_REFUSED[self.lr_scheduler]}; known: {', '.join(scheduler_names())}")
+        if self.lr_scheduler not in scheduler_names():
+            raise ConfigError(f"stage {self.name!r}: unknown lr_scheduler {self.lr_scheduler!r}; known: "
+                              f"{', '.join(scheduler_names())}")
+        if not isinstance(self.lr_scheduler_kwargs, dict):
+            raise ConfigError(f"stage {self.name!r}: lr_scheduler_kwargs must be a mapping, "
+                              f"got {self.lr_scheduler_kwargs!r}")
 
     # derived quantities: how the global batch is split on `world` processes and how many steps the stage takes
 
@@ -584,13 +631,37 @@ class StageConfig:
         return math.ceil(self.warmup_ratio * total)
 
 
+def scheduler_names() -> list[str]:
+    """The learning-rate schedules a stage can name: those `transformers.get_scheduler` knows, less the ones that
+    step on a metric (StageConfig.SCHEDULERS_REFUSED)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType if s.value not in StageConfig.SCHEDULERS_REFUSED]
+
+
+def tracker_names() -> list[str]:
+    """The experiment trackers `train.log_with` can name: accelerate's (LoggerType, and any registered with
+    accelerate's `register_tracker_class`)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    return sorted(LOGGER_TYPE_TO_CLASS)
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/vlmkit"
     mixed_precision: str | None = None
     """no | bf16 | fp16; None: whatever `accelerate launch` / its config file says."""
     seed: int = 0
-    log_with: str | None = "tensorboard"
+    log_with: str | list[str] | None = "tensorboard"
+    """Experiment trackers: one name or a list of accelerate's: tensorboard, wandb, comet_ml, aim, mlflow, clearml,
+    dvclive, swanlab, trackio; null / none: none. One that cannot start (not installed, init fails) is an error
+    before the model is built (vlmkit/training/trackers.py)."""
+    project: str = "vlmkit"
+    """The trackers' project (wandb / comet_ml / swanlab / trackio project, mlflow experiment, aim experiment,
+    clearml project; TensorBoard: output_dir/<project>/<run_name>/)."""
+    run_name: str | None = None
+    """The trackers' run name (wandb name, mlflow run, TensorBoard folder, ...); null: the output_dir's folder name."""
     log_every: int = 10
     save_steps: int = 0
     """Save a resumable checkpoint every N optimizer steps (0: only at the end of each stage)."""
@@ -616,6 +687,7 @@ class TrainConfig:
     """The values `precision` takes (a class constant, not a field; vlmkit/training/precision.py implements them)."""
 
     def __post_init__(self):
+        self._check_trackers()
         if self.precision not in self.PRECISIONS:
             raise ConfigError(f"train.precision must be one of {', '.join(self.PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
@@ -624,6 +696,32 @@ class TrainConfig:
             self.resume = "latest" if self.resume else "never"
         if not isinstance(self.resume, str) or not self.resume:
             raise ConfigError(f"train.resume must be auto, latest, never or a checkpoint path, got {self.resume!r}")
+
+
+    def _check_trackers(self) -> None:
+        """log_with: null / none / [] -> None; every name one accelerate knows; project / run_name strings."""
+        names = self.log_with if isinstance(self.log_with, list) else [] if self.log_with is None else [self.log_with]
+        if any(not isinstance(n, str) for n in names):
+            raise ConfigError(f"train.log_with must be a tracker name, a list of them or null, got {self.log_with!r}")
+        names = [n for n in names if n.strip().lower() not in ("none", "null", "")]
+        unknown = [n for n in names if n not in tracker_names()]
+        if unknown:
+            raise ConfigError(f"train.log_with: unknown tracker(s) {', '.join(map(repr, unknown))}; known: "
+                              f"{', '.join(tracker_names())} (or null for none)")
+        self.log_with = (None if not names else names[0] if isinstance(self.log_with, str)
+                         else list(dict.fromkeys(names)))
+        if not isinstance(self.project, str) or not self.project.strip():
+            raise ConfigError(f"train.project must be a non-empty string, got {self.project!r}")
+        if self.run_name is not None and (not isinstance(self.run_name, str) or not self.run_name.strip()):
+            raise ConfigError(f"train.run_name must be a non-empty string or null, got {self.run_name!r}")
+
+    def trackers(self) -> list[str]:
+        """The tracker names of `log_with`, as a list ([] for none)."""
+        return [] if self.log_with is None else [self.log_with] if isinstance(self.log_with, str) else list(self.log_with)
+
+    def tracker_run_name(self) -> str:
+        """`run_name`, or the name of the output_dir's folder."""
+        return self.run_name or Path(self.output_dir).resolve().name or "run"
 
 
 def add_resume_args(parser) -> None:

@@ -2,4 +2,4 @@
 
 This module only re-exports that module's public names; import them from `vlmkit.training.precision`.
 """
-from .training.precision import REGIMES, DESCRIPTION, MasterAdamW, resolve, weight_dtype  # noqa: F401
+from .training.precision import REGIMES, DESCRIPTION, MasterAdamW, MasterWeights, resolve, weight_dtype, with_masters  # noqa: F401,E501

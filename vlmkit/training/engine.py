@@ -18,11 +18,14 @@ from .distributed import destroy_at_exit
 
 
 def make_accelerator(cfg: TrainConfig, cpu: bool = False) -> Accelerator:
-    """Accumulation is counted by the loop itself (full windows), not by the data loader's end."""
+    """Accumulation is counted by the loop itself (full windows), not by the data loader's end. The trackers of
+    `cfg.log_with` are built here (a missing package is an error now) and started by `run`."""
+    from .trackers import build
+
     acc = Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=cpu,
-        log_with=cfg.log_with,
+        log_with=build(cfg) or None,
         project_dir=cfg.output_dir,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
         # each epoch's order is a function of (seed, epoch): what makes a resumed run see the same batches

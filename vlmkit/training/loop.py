@@ -20,7 +20,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from ..config import StageConfig
 from . import preempt
@@ -29,7 +28,8 @@ from .checkpoint import (ENGINE_DIR, FORMAT, load_optimizer_state, load_rng_stat
                          save_checkpoint, set_rng_state)
 from .engine import configure_engine, engine, match_zero3_dtype, refresh_fsdp_precision, shards_weights
 from .flops import FlopCounter, peak_flops
-from .precision import MasterAdamW
+from .optim import make_optimizer, make_scheduler
+from .precision import MasterWeights
 from .progress import Meter
 from .stages import apply_stage, format_table, param_groups
 
@@ -122,7 +122,7 @@ def prepare_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, 
     loader = make_loader(dataset, stage.data, micro, raw.tokenizer.pad_token_id)
     total = stage.total_steps(len(dataset), world)
     opt = make_optimizer(accelerator, raw, stage, precision)
-    sched = get_cosine_schedule_with_warmup(opt, stage.warmup_steps(total), total)
+    sched = make_scheduler(opt, stage, total)
     shape = {"stage": stage.name, "total": total, "world_size": world, "micro_batch": micro, "accum": accum,
              "samples": len(dataset)}
     state = resume["state"] if resume else None
@@ -144,16 +144,6 @@ def prepare_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, 
     job = StageRun(stage, model, raw, opt, sched, loader, params, accum, total, shape, precision)
     start_position(accelerator, job, resume)
     return job
-
-
-def make_optimizer(accelerator: Accelerator, raw, stage: StageConfig, precision: str) -> torch.optim.Optimizer:
-    """AdamW over the stage's parameter groups; under `bf16-master` over fp32 masters of the bf16 weights (made on
-    the training device, so the model goes there first: accelerate's prepare would move it anyway)."""
-    kw = dict(lr=stage.lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda")
-    if precision == "bf16-master":
-        raw.to(accelerator.device)
-        return MasterAdamW(param_groups(raw, stage), **kw)
-    return torch.optim.AdamW(param_groups(raw, stage), **kw)
 
 
 def check_same_shape(resume: dict, shape: dict) -> None:
@@ -320,7 +310,7 @@ def memory_report(accelerator: Accelerator, raw, opt) -> dict:
         states = None
     rep = {"peak_gib": torch.cuda.max_memory_allocated(accelerator.device) / 2**30,
            "weights_gib": size(raw.parameters()), "grads_gib": size(trainable),
-           "master_weights_gib": inner.master_bytes() / 2**30 if isinstance(inner, MasterAdamW) else 0.0,
+           "master_weights_gib": inner.master_bytes() / 2**30 if isinstance(inner, MasterWeights) else 0.0,
            "optimizer_states_gib": states}
     known = sum(v for k, v in rep.items() if k != "peak_gib" and v is not None)
     rep["activations_and_other_gib"] = max(0.0, rep["peak_gib"] - known)

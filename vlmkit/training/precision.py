@@ -66,15 +66,17 @@ def weight_dtype(regime: str) -> torch.dtype | None:
     return torch.bfloat16 if regime in ("bf16-master", "bf16-pure") else None
 
 
-class MasterAdamW(torch.optim.AdamW):
-    """AdamW over fp32 master copies of 16-bit parameters.
+class MasterWeights:
+    """An optimizer over fp32 master copies of 16-bit parameters: mixed in before a torch optimizer class
+    (`MasterAdamW`, `with_masters(cls)`), whose `step` then updates the masters.
 
     Built from the model's parameter groups (16-bit or fp32 parameters; an fp32 one is its own master). The
     model keeps computing in its own dtype; `step` turns each 16-bit gradient into fp32, steps the masters
-    (fp32 states, fused on CUDA where asked) and copies each master back into its parameter, rounded to the
-    nearest 16-bit value. Gradients are converted a bucket of about `bucket_bytes` at a time, so the fp32
-    gradients never all exist at once. `state_dict` carries the masters: a resumed run continues from the
-    exact fp32 weights, not from their rounded copies in the model folder.
+    (with the optimizer's own states: fp32 for AdamW, fused on CUDA where asked; 8-bit blocks for bitsandbytes'
+    AdamW8bit) and copies each master back into its parameter, rounded to the nearest 16-bit value. Gradients
+    are converted a bucket of about `bucket_bytes` at a time, so the fp32 gradients never all exist at once.
+    `state_dict` carries the masters: a resumed run continues from the exact fp32 weights, not from their
+    rounded copies in the model folder.
     """
 
     def __init__(self, groups, bucket_bytes: int = 2 << 30, **kwargs):
@@ -157,3 +159,15 @@ class MasterAdamW(torch.optim.AdamW):
     def master_bytes(self) -> int:
         """Bytes held by the fp32 masters (parameters that are their own master not counted)."""
         return sum(m.numel() * 4 for p, m in self._pairs if m is not p)
+
+
+class MasterAdamW(MasterWeights, torch.optim.AdamW):
+    """AdamW over fp32 master copies of 16-bit parameters (see `MasterWeights`); fp32 states."""
+
+
+def with_masters(optimizer_cls: type) -> type:
+    """`optimizer_cls` stepping fp32 master copies of 16-bit parameters (MasterAdamW for torch's AdamW)."""
+    if optimizer_cls is torch.optim.AdamW:
+        return MasterAdamW
+    return type(f"Master{optimizer_cls.__name__}", (MasterWeights, optimizer_cls),
+                {"__doc__": f"{optimizer_cls.__name__} over fp32 master copies of 16-bit parameters (MasterWeights)."})

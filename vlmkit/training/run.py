@@ -1,5 +1,5 @@
 """A run: every stage of the plan in order through the one loop (`loop.train_stage`), continuing a run that
-was stopped where it stopped. Reads top to bottom: `start_run` (output folder, resume point), `prepare_model`
+was stopped where it stopped. Reads top to bottom: `start_run` (trackers, output folder, resume point), `prepare_model`
 (precision, build, plans checked), then per stage `stage_start` (weights / RNG of a resumed stage) and
 `stage_saver` (its model folder), and `final_model` (output_dir/model)."""
 from __future__ import annotations
@@ -10,11 +10,13 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from ..config import RunConfig, flat_config, save_config
+from ..config import RunConfig, save_config
 from . import checkpoint as ckpt
 from . import loop
+from . import trackers
 from . import precision as prec
 from .batches import make_dataset
+from .optim import check_stages
 from .engine import build_device, engine, full_state_dict, make_accelerator, plain_init, shards_weights
 from .stages import validate_plan
 from .summary import summary
@@ -29,8 +31,11 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
     the same optimizer, scheduler, RNG and data position. Returns (model, accelerator, metrics per stage).
     """
     accelerator = accelerator or make_accelerator(cfg.train, cpu=cpu)
+    regime = prec.resolve(cfg.train.precision, accelerator.mixed_precision, engine(accelerator),
+                          quantized=cfg.model.llm.quantization is not None)
+    check_stages(cfg.stages, accelerator.device.type, regime)  # optimizers and schedules, before anything is written
     out, point = start_run(cfg, accelerator)
-    model, regime = prepare_model(cfg, accelerator, model, point, out)
+    model = prepare_model(cfg, accelerator, model, point, out, regime)
     metrics = []
     step_offset = 0
     saved = {"final": False}  # out/model written at the end of the last stage (sharded weights)
@@ -55,8 +60,7 @@ def run(cfg: RunConfig, model=None, accelerator: Accelerator | None = None, cpu:
                               f"first: {m['skipped'][:3]}")
         metrics.append(m)
     model = final_model(cfg, accelerator, model, out, point, saved["final"])
-    for tracker in accelerator.trackers:  # not end_training(): that also destroys the process group, and the
-        tracker.finish()                  # accelerator returned here must still synchronise (it ends at exit)
+    trackers.finish(accelerator)  # not end_training(): the accelerator returned here must still synchronise
     accelerator.print(summary(metrics, out, cfg.train.save_models), end="")
     return model, accelerator, metrics
 
@@ -67,6 +71,7 @@ def start_run(cfg: RunConfig, accelerator: Accelerator) -> tuple[Path, ckpt.Resu
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    trackers.start(accelerator, cfg)  # one that cannot start stops the run here: nothing in `out` changed yet
     names = [s.name for s in cfg.stages]
     if accelerator.is_main_process:
         ckpt.clean_temporaries(out, names)
@@ -76,18 +81,14 @@ def start_run(cfg: RunConfig, accelerator: Accelerator) -> tuple[Path, ckpt.Resu
     point = ckpt.find_resume(out, names, cfg.train.resume)
     if accelerator.is_main_process:  # the resolved config (after overrides): what this run trained with
         save_config(cfg, out / "config.yaml")
-    if cfg.train.log_with:
-        accelerator.init_trackers("vlmkit", config=flat_config(cfg))
     return out, point
 
 
-def prepare_model(cfg: RunConfig, accelerator: Accelerator, model, point, out: Path) -> tuple:
-    """(model in the precision regime's weight dtype, the regime); every stage's plan checked before any
-    training starts; the logs cut back to the resume point."""
+def prepare_model(cfg: RunConfig, accelerator: Accelerator, model, point, out: Path, regime: str):
+    """The model in the precision regime's weight dtype; every stage's plan checked before any training starts;
+    the logs cut back to the resume point."""
     from ..models.vlm import VLM
 
-    regime = prec.resolve(cfg.train.precision, accelerator.mixed_precision, engine(accelerator),
-                          quantized=cfg.model.llm.quantization is not None)
     dtype = prec.weight_dtype(regime)
     if model is None:
         with build_device(accelerator, cfg):
@@ -104,7 +105,7 @@ def prepare_model(cfg: RunConfig, accelerator: Accelerator, model, point, out: P
         for log in ("log.jsonl", "samples.jsonl"):
             ckpt.truncate_log(out / log, names, point.stage_index if point else 0, point.step if point else 0)
     accelerator.wait_for_everyone()
-    return model, regime
+    return model
 
 
 def stage_start(accelerator: Accelerator, raw, point, i: int) -> dict | None:
