@@ -210,6 +210,9 @@ class VLM(nn.Module):
         holds its samples in row-major order, so the placeholders meet the images in sample order as in a
         padded batch.
         """
+        if self.video_token_id is None and pixel_values_videos is not None and pixel_values_videos.shape[0]:
+            raise ValueError("this model takes no video (model.video is not set), but the batch holds "
+                             f"{pixel_values_videos.shape[0]} video frame(s)")
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
         mask = input_ids == self.image_token_id  # [B, T]
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
@@ -228,9 +231,6 @@ class VLM(nn.Module):
         """`embeds` [B, T, D] with the videos' tokens at the `<video>` placeholders (checked as images are)."""
         n_frames = 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
         if self.video_token_id is None:
-            if n_frames:
-                raise ValueError("this model takes no video (model.video is not set), but the batch holds "
-                                 f"{n_frames} video frame(s)")
             return embeds
         if n_frames and frames_per_video is None:
             raise ValueError("pixel_values_videos needs frames_per_video (frames of each video): pass the "
