@@ -15,6 +15,8 @@ dispatcher sends the model to the target its parts point at, and that target's c
     common.py     what every target shares (weight names, chat template, token ids, folder writing, model card)
     llava.py      Llava and LlavaNext: checks, processor, config, export, import
     internvl.py   InternVL: checks, frame tokens, processor, config, export, import
+    video.py      LlavaNextVideo (a model with model.video): checks, processor files, config, export (builds on
+                  llava.py's LlavaNext image side)
 
 A new target is a file importing `common` (checks, `NATIVE_CLASSES`, `write_<target>`, `import_<target>`),
 registered here: in `EXPORT_TYPES`, `export_target`, `export_model` and `import_model`.
