@@ -21,6 +21,11 @@ class MLPProjector(nn.Module):
     def num_tokens(grid: tuple[int, int], **options) -> int:
         return grid[0] * grid[1]
 
+    @staticmethod
+    def out_grid(grid: tuple[int, int], **options) -> tuple[int, int]:
+        """(rows, cols) of its output tokens, row-major: the patch grid itself (video pooling reads it)."""
+        return tuple(grid)
+
     def forward(self, feats: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         x = self.linear_1(feats)  # [N, P, D]
         if self.linear_2 is not None:

@@ -56,6 +56,12 @@ class PixelShuffleProjector(nn.Module):
         k = shuffle_factor(scale, grid)
         return (grid[0] // k) * (grid[1] // k)
 
+    @staticmethod
+    def out_grid(grid: tuple[int, int], scale: float = 0.5) -> tuple[int, int]:
+        """(rows, cols) of its output tokens, row-major: the grid folded by k per side."""
+        k = shuffle_factor(scale, grid)
+        return grid[0] // k, grid[1] // k
+
     def forward(self, feats: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         shuffle_factor(self.scale, grid)
         n, p, ch = feats.shape  # [N, P, C]

@@ -46,6 +46,12 @@ class AvgPoolMLP(nn.Module):
         k = check_kernel(kernel)
         return math.ceil(grid[0] / k) * math.ceil(grid[1] / k)
 
+    @staticmethod
+    def out_grid(grid: tuple[int, int], kernel: int = 2) -> tuple[int, int]:
+        """(rows, cols) of its output tokens, row-major: ceil of the grid over the kernel per side."""
+        k = check_kernel(kernel)
+        return math.ceil(grid[0] / k), math.ceil(grid[1] / k)
+
     def forward(self, feats: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         n, p, ch = feats.shape  # [N, P, C]
         if p != grid[0] * grid[1]:

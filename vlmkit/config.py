@@ -362,6 +362,40 @@ TILING_CLASSES: dict[str, type[TilingConfig]] = {c.MODE: c for c in (NoTiling, A
 """mode -> its config class; a new tiling mode adds its class here."""
 
 
+VIDEO_POOLS = ("none", "average", "max", "bilinear")
+VIDEO_NEWLINES = ("none", "frame", "video")
+
+
+@dataclass
+class VideoConfig:
+    """How a video becomes tokens (`model.video`; absent: the model takes no video). Each frame is one encoder
+    tile (resized like an image, no tiling), its token grid pooled, the frames' tokens concatenated in order."""
+
+    token: str = "<video>"
+    """Placeholder token added once to the tokenizer (its own special token, beside llm.image_token)."""
+    pool: str = "bilinear"
+    """Spatial pooling of each frame: none | average | max (a pool_stride x pool_stride window over the
+    encoder's patch grid before the connector, floor at the edges: LLaVA-NeXT-Video's vision_resampler) |
+    bilinear (the connector's output grid resized to ceil(rows / pool_stride) x ceil(cols / pool_stride):
+    LLaVA-OneVision; needs a connector that keeps a grid: mlp2x_gelu, pixel_shuffle, avgpool_mlp)."""
+    pool_stride: int = 2
+    """The pooling factor per side (ignored with pool none)."""
+    newline: str = "video"
+    """none | frame (a learned vector after each frame's tokens) | video (one after the whole video:
+    LLaVA-OneVision's one_token). The vector is image_newline when the model has one (AnyRes with unpad, as
+    LLaVA-NeXT / OneVision share it), else the model's own `video_newline` (a stage plan component)."""
+
+    def __post_init__(self):
+        if not isinstance(self.token, str) or not self.token.strip():
+            raise ConfigError(f"video.token must be a non-empty string, got {self.token!r}")
+        if self.pool not in VIDEO_POOLS:
+            raise ConfigError(f"video.pool must be one of {', '.join(VIDEO_POOLS)}, got {self.pool!r}")
+        if not isinstance(self.pool_stride, int) or isinstance(self.pool_stride, bool) or self.pool_stride < 1:
+            raise ConfigError(f"video.pool_stride must be an integer >= 1, got {self.pool_stride!r}")
+        if self.newline not in VIDEO_NEWLINES:
+            raise ConfigError(f"video.newline must be one of {', '.join(VIDEO_NEWLINES)}, got {self.newline!r}")
+
+
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig
@@ -372,10 +406,16 @@ class ModelConfig:
     """Chat template for inference and default for training: a registered name or `tokenizer`."""
     tiling: TilingConfig = field(default_factory=TilingConfig)
     """High-resolution tiling (none by default: one encoder tile per image)."""
+    video: VideoConfig | None = None
+    """None: the model takes no video. A mapping (VideoConfig): `<video>` placeholders, frames one tile each."""
 
     def __post_init__(self):
         if self.llm is None:
             raise ConfigError("model.llm is required")
+        if isinstance(self.video, dict):
+            self.video = from_dict(VideoConfig, self.video, "model.video")
+        if self.video is not None and self.video.token == self.llm.image_token:
+            raise ConfigError(f"model.video.token {self.video.token!r} is llm.image_token too: give video its own")
         if isinstance(self.tiling, dict):
             self.tiling = from_dict(TilingConfig, self.tiling, "model.tiling")
 

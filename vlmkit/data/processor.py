@@ -1,4 +1,5 @@
-"""The data side of a model: images -> pixels, conversations -> ids and labels, placeholders counted once.
+"""The data side of a model: images and video frames -> pixels, conversations -> ids and labels, placeholders
+counted once.
 
 A Processor is built from a model (`VLM.processor()`) or from a saved model dir, and holds no
 weights, so it travels to data-loader workers.
@@ -14,7 +15,7 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from ..tiling import functions as T
-from .conversation import IGNORE, encode, get_template, normalize, truncate
+from .conversation import IGNORE, SampleError, encode, get_template, normalize, truncate
 from .images import ImageTransform
 
 
@@ -32,9 +33,15 @@ class Processor:
     """A `vlmkit.highres.TileSpec` (anyres | internvl): each image becomes [n_tiles, 3, T, T]; None: one tile.
     naflex: each image becomes its own patch sequence: pixel_values [n_images, L, p*p*3], zero-padded to the
     sample's longest (L = its most patches); each image's (rows, cols) is the TileSpec's grid of its size."""
+    video_token: str | None = None
+    """model.video.token; None: the model takes no video."""
+    video_token_id: int | None = None
 
     def __call__(self, conversations: list[dict], images: list[Image.Image], template: str | None = None,
-                 max_length: int | None = None, add_generation_prompt: bool = False) -> dict:
+                 max_length: int | None = None, add_generation_prompt: bool = False, videos=None) -> dict:
+        """ids, labels and pixels of one sample. `videos`: each a list of PIL frames (or an object with a
+        `.frames` list, vlmkit.data.video.Video); the k-th `<video>` becomes count_video_tokens(frames) video
+        placeholders, the frames one tile each: pixel_values_videos [N_frames, 3, T, T], frames_per_video [N]."""
         messages = normalize(conversations)
         n = len(images)
         if self.tiling is None:
@@ -43,7 +50,12 @@ class Processor:
             counts = [self.count_image_tokens(*im.size, n_images=n) for im in images]
         ids, labels = encode(messages, self.tokenizer, get_template(template or self.template), self.image_token,
                              self.image_token_id, counts, add_generation_prompt)
+        frames = [list(getattr(v, "frames", v)) for v in (videos or [])]
+        ids, labels = self.expand_videos(ids, labels, frames)
         if max_length:
+            if frames and max(i for i, t in enumerate(ids) if t == self.video_token_id) >= max_length:
+                raise SampleError(f"{len(ids)} tokens with video tokens beyond max_length {max_length}: too long to "
+                                  "keep its video(s)", "too_long_for_videos")
             ids, labels = truncate(ids, labels, max_length, self.image_token_id)
         size = self.transform.size
         if self.tiling is None:
@@ -57,7 +69,46 @@ class Processor:
                       else torch.zeros(0, 3, size, size))  # [n_tiles, 3, T, T]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
                 "image_sizes": torch.tensor([im.size for im in images], dtype=torch.long).view(n, 2),  # (w, h)
-                "tiles_per_image": torch.tensor([len(ts) for ts in tiles], dtype=torch.long)}
+                "tiles_per_image": torch.tensor([len(ts) for ts in tiles], dtype=torch.long),
+                **self.video_pixels(frames)}
+
+    def expand_videos(self, ids: list[int], labels: list[int], frames: list[list]) -> tuple[list[int], list[int]]:
+        """Each `<video>` token (one id: the tokenizer holds it as a special token) -> count_video_tokens(its
+        frames) placeholders, never trained. The `<video>` count must equal the number of videos."""
+        vid = self.video_token_id
+        if vid is None:
+            if frames:
+                raise SampleError(f"{len(frames)} video(s), but this model takes no video (model.video is not set)",
+                                  "video_count_mismatch")
+            return ids, labels
+        at = [i for i, t in enumerate(ids) if t == vid]
+        if len(at) != len(frames):
+            raise SampleError(f"{len(at)} {self.video_token} placeholder(s) in the text but {len(frames)} video(s)",
+                              "video_count_mismatch")
+        if any(labels[i] != IGNORE for i in at):
+            raise SampleError(f"a {self.video_token} in an assistant turn", "video_in_assistant_turn")
+        if any(not f for f in frames):
+            raise SampleError("a video with no frames", "video_no_frames")
+        out_ids, out_labels, k = [], [], 0
+        for t, lab in zip(ids, labels):
+            if t == vid:
+                n = self.count_image_tokens.count_video_tokens(len(frames[k]))
+                out_ids += [vid] * n
+                out_labels += [IGNORE] * n
+                k += 1
+            else:
+                out_ids.append(t)
+                out_labels.append(lab)
+        return out_ids, out_labels
+
+    def video_pixels(self, frames: list[list]) -> dict:
+        """Every video's frames as one tile each (the image transform): pixel_values_videos [N_frames, 3, T, T]
+        and frames_per_video [N_videos]; empty tensors without video."""
+        size = self.transform.size
+        flat = [f for fs in frames for f in fs]
+        pixels = torch.stack([self.transform(f) for f in flat]) if flat else torch.zeros(0, 3, size, size)
+        return {"pixel_values_videos": pixels,
+                "frames_per_video": torch.tensor([len(fs) for fs in frames], dtype=torch.long)}
 
     def canvas(self, width: int, height: int) -> tuple[int, str]:
         """The largest image buffer (in pixels) this processor makes from an image of (width, height), and what
@@ -154,6 +205,7 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right", pack:
         "skipped": skipped,
         **_counts(kept),
         **_image_layout(kept),
+        **_video_layout(kept),
     }
 
 
@@ -216,6 +268,7 @@ def collate_packed(samples: list[dict], pad_id: int, max_tokens: int = 0, pad_to
         "skipped": skipped,
         **_counts(kept),
         **_image_layout(kept),
+        **_video_layout(kept),
     }
 
 
@@ -245,6 +298,21 @@ def cat_pixels(kept: list[dict]) -> torch.Tensor:
         storage = parts[0]._typed_storage()._new_shared(numel, device=parts[0].device)
         out = parts[0].new(storage).resize_(sum(p.shape[0] for p in parts), *parts[0].shape[1:])
     return torch.cat(parts, out=out)
+
+
+def _video_layout(kept: list[dict]) -> dict:
+    """Every sample's video frames in sample order and which frames / videos belong to which video / sample:
+    pixel_values_videos [N_frames, 3, T, T], frames_per_video [N_videos], videos_per_sample [B]. Nothing when no
+    sample carries video keys (a model without video)."""
+    if not any("pixel_values_videos" in s for s in kept):
+        return {}
+    parts = [s["pixel_values_videos"] for s in kept if "pixel_values_videos" in s]
+    counts = [s.get("frames_per_video", torch.zeros(0, dtype=torch.long)) for s in kept]
+    return {
+        "pixel_values_videos": cat_pixels([{"pixel_values": p} for p in parts]),  # [N_frames, 3, T, T]
+        "frames_per_video": torch.cat(counts).long(),  # [N_videos]
+        "videos_per_sample": torch.tensor([len(c) for c in counts], dtype=torch.long),  # [B]
+    }
 
 
 def _image_layout(kept: list[dict]) -> dict:

@@ -122,10 +122,14 @@ def _lit(s: str) -> str:
     return json.dumps(s)
 
 
-def _content_macro(image_token: str, image_sep: str) -> str:
-    """Message content as text: a string as is; a list of parts as its images then its texts."""
+def _content_macro(image_token: str, image_sep: str, video_token: str | None = None) -> str:
+    """Message content as text: a string as is; a list of parts as its images, then its videos (with
+    `video_token`), then its texts."""
+    videos = ("" if video_token is None else
+              "{%- for p in c if p['type'] == 'video' -%}{{ " + _lit(video_token + image_sep) + " }}{%- endfor -%}")
     return ("{%- macro render(c) -%}{%- if c is string -%}{{ c }}{%- else -%}"
             "{%- for p in c if p['type'] == 'image' -%}{{ " + _lit(image_token + image_sep) + " }}{%- endfor -%}"
+            + videos +
             "{{ c | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
             "{%- endif -%}{%- endmacro -%}")
 
@@ -146,7 +150,7 @@ def _with_bos(body: str, template, tokenizer, image_token: str) -> str:
             "{{ body }}")
 
 
-def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) -> str:
+def template_to_jinja(template, image_token: str = "<image>", tokenizer=None, video_token: str | None = None) -> str:
     """A Jinja chat template rendering conversations as vlmkit's `template` does.
 
     For a prompt (`add_generation_prompt=True`) and for conversations ending with an answer, the
@@ -161,7 +165,7 @@ def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) ->
         return tokenizer.chat_template
     if isinstance(template, Template):
         t = template
-        return _content_macro(image_token, "\n") + _with_bos(
+        return _content_macro(image_token, "\n", video_token) + _with_bos(
             "{%- if messages and messages[0]['role'] == 'system' -%}"
             "{%- set system = render(messages[0]['content']) -%}{%- set loop_messages = messages[1:] -%}"
             "{%- else -%}{%- set system = " + _lit(t.system) + " -%}{%- set loop_messages = messages -%}{%- endif -%}"
@@ -175,7 +179,7 @@ def template_to_jinja(template, image_token: str = "<image>", tokenizer=None) ->
             "{%- endif -%}{%- endfor -%}", t, tokenizer, image_token)
     if isinstance(template, PlainTemplate):
         # image placeholders of the first user turn, then the first answer and a newline
-        return _content_macro(image_token, "") + _with_bos(
+        return _content_macro(image_token, "", video_token) + _with_bos(
             "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
             "{%- set answers = messages | selectattr('role', 'equalto', 'assistant') | list -%}"
             "{%- if users -%}{%- set c = users[0]['content'] -%}"

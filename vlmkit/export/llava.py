@@ -134,7 +134,9 @@ def _processor(cls, image_processor, model, template: str | None):
     from ..data.conversation import get_template
 
     tok = model.tokenizer
-    chat = template_to_jinja(get_template(template or model.config.template), model.config.llm.image_token, tok)
+    video = getattr(model.config, "video", None)
+    chat = template_to_jinja(get_template(template or model.config.template), model.config.llm.image_token, tok,
+                             None if video is None else video.token)
     return cls(image_processor=image_processor, tokenizer=tok, patch_size=model.encoder.patch_size,
                vision_feature_select_strategy=_strategy(model),
                num_additional_image_tokens=model.encoder.num_prefix_tokens,

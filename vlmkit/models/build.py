@@ -30,7 +30,11 @@ def resolve_model_dir(path) -> Path:
 
 
 def _tokenizer(config: ModelConfig, source: str):
-    return load_tokenizer(source, config.llm.image_token, trust_remote_code=config.llm.trust_remote_code)
+    """The tokenizer with the image (and, with model.video, the video) placeholder added before the LLM is sized."""
+    tok = load_tokenizer(source, config.llm.image_token, trust_remote_code=config.llm.trust_remote_code)
+    if config.video is not None:
+        add_image_token(tok, config.video.token)
+    return tok
 
 
 def _connector(config: ModelConfig, encoder, llm):
@@ -77,8 +81,11 @@ def make_processor(config: ModelConfig, tokenizer, geometry, count_image_tokens:
     read from its config): image_size, mean, std."""
     transform = ImageTransform(geometry.image_size, geometry.mean, geometry.std, config.encoder.image_aspect)
     image_token_id = add_image_token(tokenizer, config.llm.image_token)
+    video = config.video
     return Processor(tokenizer, transform, config.llm.image_token, image_token_id, count_image_tokens,
-                     template or config.template, getattr(count_image_tokens, "tiling", None))
+                     template or config.template, getattr(count_image_tokens, "tiling", None),
+                     None if video is None else video.token,
+                     None if video is None else add_image_token(tokenizer, video.token))
 
 
 def processor_for(model, template: str | None = None) -> Processor:
@@ -93,7 +100,8 @@ def build_processor(config: ModelConfig, template: str | None = None, tokenizer=
     if tokenizer is None:
         tokenizer = _tokenizer(config, config.llm.tokenizer or config.llm.path)
     geo = encoder_geometry(config.encoder)
-    counter = ImageTokenCounter.for_config(geo.grid, config.connector, config.tiling, geo.image_size, geo)
+    counter = ImageTokenCounter.for_config(geo.grid, config.connector, config.tiling, geo.image_size, geo,
+                                           config.video)
     return make_processor(config, tokenizer, geo, counter, template)
 
 

@@ -26,23 +26,25 @@ def check_inputs(tiling, n_tiles: int, image_sizes, images_per_sample, batch: in
 
 
 def check_counts(mask: torch.Tensor, per_image: list[int], expected: list[int], images_per_sample=None,
-                 cu_seqlens=None) -> None:
+                 cu_seqlens=None, what: str = "image") -> None:
     """The one count check: placeholders in the text (`mask` [B, T]) == features of the images (`per_image`)
     == the counter's `expected` tokens, for the batch, for each image and (given `images_per_sample`) for each
     sample. A packed batch (`cu_seqlens`: sample boundaries
-    over the flattened rows) holds its samples in row-major order."""
+    over the flattened rows) holds its samples in row-major order. `what`: image or video (the same checks on
+    the `<video>` placeholders, with `videos_per_sample`)."""
     found, total = int(mask.sum()), sum(expected)
     if found != total or sum(per_image) != total:
-        raise ValueError(f"image token mismatch: {len(expected)} image(s) give {sum(per_image)} "
+        raise ValueError(f"{what} token mismatch: {len(expected)} {what}(s) give {sum(per_image)} "
                          f"features (expected {total}), the text holds {found} placeholder tokens")
     for k, (got, want) in enumerate(zip(per_image, expected)):
         if got != want:
-            raise ValueError(f"image {k}: its features are {got} tokens, the counter {want}")
+            raise ValueError(f"{what} {k}: its features are {got} tokens, the counter {want}")
     if images_per_sample is not None:
-        _check_rows(mask, per_image, images_per_sample, cu_seqlens)
+        _check_rows(mask, per_image, images_per_sample, cu_seqlens, what)
 
 
-def _check_rows(mask: torch.Tensor, per_image: list[int], images_per_sample, cu_seqlens=None) -> None:
+def _check_rows(mask: torch.Tensor, per_image: list[int], images_per_sample, cu_seqlens=None,
+                what: str = "image") -> None:
     """Each sample's placeholders must match its own images' tokens (not only the batch total)."""
     per_sample = images_per_sample.tolist() if torch.is_tensor(images_per_sample) else list(images_per_sample)
     if cu_seqlens is None:
@@ -52,13 +54,13 @@ def _check_rows(mask: torch.Tensor, per_image: list[int], images_per_sample, cu_
         cu = cu_seqlens.to(cs.device).long()
         found = (cs[cu[1:]] - cs[cu[:-1]]).tolist()
     if len(per_sample) != len(found):
-        raise ValueError(f"images_per_sample has {len(per_sample)} entries for {len(found)} sample(s)")
+        raise ValueError(f"{what}s_per_sample has {len(per_sample)} entries for {len(found)} sample(s)")
     start = 0
     for r, n in enumerate(per_sample):
         want = per_image[start:start + n]
         start += n
         if sum(want) != found[r]:
-            raise ValueError(f"image token mismatch in sample {r}: its {n} image(s) give {want} features "
+            raise ValueError(f"{what} token mismatch in sample {r}: its {n} {what}(s) give {want} features "
                              f"(expected {sum(want)}), its text holds {found[r]} placeholder tokens")
 
 

@@ -1,4 +1,5 @@
-"""The assembled VLM: image_features (encoder -> connector, per tiling mode) -> merge at placeholders -> LLM.
+"""The assembled VLM: image_features (encoder -> connector, per tiling mode) and video_features (frames ->
+encoder -> connector -> pooling -> newline, video.py) -> merge at placeholders -> LLM.
 
 The module only: it takes its parts. Building (build.py), saving and loading (serialization.py), LoRA (lora.py)
 and the merge checks (merge.py) are functions in their own files; the methods named as in transformers
@@ -18,6 +19,7 @@ from ..data.conversation import IGNORE
 from ..data.processor import Processor
 from ..tiling.counter import ImageTokenCounter, image_layout
 from . import build, lora, serialization
+from . import video as video_path
 from .encoders import VisionEncoder
 from .llm import add_image_token
 from .merge import check_counts, check_inputs, image_path_must_run, scatter, unused_image_path
@@ -34,7 +36,7 @@ class VLM(nn.Module):
         self.tokenizer = tokenizer
         self.image_token_id = add_image_token(tokenizer, config.llm.image_token)
         self.count_image_tokens = ImageTokenCounter.for_config(encoder.grid, config.connector, config.tiling,
-                                                               encoder.image_size, encoder.geometry)
+                                                               encoder.image_size, encoder.geometry, config.video)
         self.tiling = self.count_image_tokens.tiling  # TileSpec or None
         if self.tiling is not None and self.tiling.uses_newline:
             # LLaVA-NeXT: appended after each row of AnyRes features; init randn / sqrt(D)
@@ -42,6 +44,12 @@ class VLM(nn.Module):
             self.image_newline = nn.Parameter(torch.randn(d) / math.sqrt(d))  # [D]
         else:
             self.image_newline = None
+        self.video_token_id = None if config.video is None else add_image_token(tokenizer, config.video.token)
+        if config.video is not None and config.video.newline != "none" and self.image_newline is None:
+            d = llm.config.hidden_size  # the video's own newline, initialised like image_newline
+            self.video_newline = nn.Parameter(torch.randn(d) / math.sqrt(d))  # [D]
+        else:
+            self.video_newline = None
         self.adapters: dict[str, nn.Module] = {}  # component -> peft LoraModel (not a submodule)
 
     @property
@@ -55,10 +63,13 @@ class VLM(nn.Module):
         return sorted(names & present)
 
     def components(self) -> dict[str, nn.Module | nn.Parameter]:
-        """The parts a stage plan can name (`image_newline` only when AnyRes with unpad uses it)."""
+        """The parts a stage plan can name (`image_newline` only when AnyRes with unpad uses it, `video_newline`
+        when model.video appends a newline and there is no image_newline to share)."""
         comps = {"encoder": self.encoder, "connector": self.connector, "llm": self.llm}
         if self.image_newline is not None:
             comps["image_newline"] = self.image_newline
+        if self.video_newline is not None:
+            comps["video_newline"] = self.video_newline
         return comps
 
     # ---- building, saving, LoRA: one line each into build.py / serialization.py / lora.py -------------
@@ -125,13 +136,25 @@ class VLM(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, P', D]. A frozen encoder runs without autograd."""
-        feats = self._run_encoder(pixel_values)  # [N, P, C]
+        return self.connect(self._run_encoder(pixel_values), self.encoder.grid)  # [N, P', D]
+
+    def connect(self, feats: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Encoder features [N, P, C] on `grid` -> connector tokens [N, P', D], in the connector's dtype."""
         w = next(self.connector.parameters(), None)
         if w is not None and w.is_floating_point() and feats.dtype != w.dtype:
             # parts may hold different dtypes (DeepSpeed ZeRO-3 under bf16 left a trained connector in fp32
             # beside a bf16 encoder): each part computes in its own weights' dtype
             feats = feats.to(w.dtype)
-        return self.connector(feats, self.encoder.grid)  # [N, P', D]
+        return self.connector(feats, grid)  # [N, P', D]
+
+    def video_features(self, pixel_values_videos: torch.Tensor, frames_per_video) -> list[torch.Tensor]:
+        """The video seam: frames [N_frames, 3, T, T] of all videos (each one tile) and each video's frame count
+        [N_videos] -> one token sequence [L_v, D] per video: encoder -> connector -> pooling -> newline
+        (video.py; L_v is the counter's `count_video_tokens`)."""
+        if self.config.video is None:
+            raise ValueError("this model takes no video (model.video is not set): a video sample needs a model "
+                             "built with model.video")
+        return video_path.video_features(self, pixel_values_videos, frames_per_video)
 
     def encode_naflex(self, patches: torch.Tensor, image_sizes, tiles_per_image=None) -> list[torch.Tensor]:
         """NaFlex: patch sequences [N, L, p*p*3] (each image's rows * cols patches, then zero padding) -> one
@@ -178,13 +201,18 @@ class VLM(nn.Module):
                 for part, size in zip(feats.split(tiles), sizes)]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes=None,
-              images_per_sample=None, tiles_per_image=None, cu_seqlens=None) -> torch.Tensor:
-        """Token embeddings [B, T, D] with the image features scattered into the placeholder positions.
+              images_per_sample=None, tiles_per_image=None, cu_seqlens=None, pixel_values_videos=None,
+              frames_per_video=None, videos_per_sample=None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with the image and video features scattered into their placeholders.
 
-        Image arguments as `image_features` takes them. A packed batch (`cu_seqlens`: sample boundaries over
-        the flattened rows) holds its samples in row-major order, so the placeholders meet the images in sample
-        order as in a padded batch.
+        Image arguments as `image_features` takes them, video ones as `video_features` (`videos_per_sample` [B]
+        checks each sample's count). A packed batch (`cu_seqlens`: sample boundaries over the flattened rows)
+        holds its samples in row-major order, so the placeholders meet the images in sample order as in a
+        padded batch.
         """
+        if self.video_token_id is None and pixel_values_videos is not None and pixel_values_videos.shape[0]:
+            raise ValueError("this model takes no video (model.video is not set), but the batch holds "
+                             f"{pixel_values_videos.shape[0]} video frame(s)")
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
         mask = input_ids == self.image_token_id  # [B, T]
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
@@ -194,11 +222,33 @@ class VLM(nn.Module):
         check_counts(mask, [f.shape[0] for f in feats], expected, images_per_sample, cu_seqlens)
         if not n_tiles and image_path_must_run(self):
             embeds = embeds + unused_image_path(self, embeds)
+        embeds = scatter(embeds, mask, feats)
+        return self._embed_videos(embeds, input_ids, pixel_values_videos, frames_per_video, videos_per_sample,
+                                  cu_seqlens)
+
+    def _embed_videos(self, embeds, input_ids, pixel_values_videos, frames_per_video, videos_per_sample,
+                      cu_seqlens) -> torch.Tensor:
+        """`embeds` [B, T, D] with the videos' tokens at the `<video>` placeholders (checked as images are)."""
+        n_frames = 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
+        if self.video_token_id is None:
+            return embeds
+        if n_frames and frames_per_video is None:
+            raise ValueError("pixel_values_videos needs frames_per_video (frames of each video): pass the "
+                             "processor's / collate's")
+        mask = input_ids == self.video_token_id  # [B, T]
+        feats = self.video_features(pixel_values_videos, frames_per_video) if n_frames else []
+        counts = [] if not n_frames else (frames_per_video.tolist() if torch.is_tensor(frames_per_video)
+                                          else list(frames_per_video))
+        expected = [self.count_image_tokens.count_video_tokens(int(n)) for n in counts]
+        check_counts(mask, [f.shape[0] for f in feats], expected, videos_per_sample, cu_seqlens, what="video")
+        if not n_frames and video_path.video_path_must_run(self):
+            embeds = embeds + video_path.unused_video_path(self, embeds)
         return scatter(embeds, mask, feats)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None,
                 num_items: int | None = None, image_sizes=None, images_per_sample=None, tiles_per_image=None,
-                position_ids=None, cu_seqlens=None, max_seqlen: int | None = None, **_) -> torch.Tensor:
+                position_ids=None, cu_seqlens=None, max_seqlen: int | None = None, pixel_values_videos=None,
+                frames_per_video=None, videos_per_sample=None, **_) -> torch.Tensor:
         """The training loss: cross-entropy over labelled positions only, summed / `num_items`.
 
         `num_items` is the number of labelled tokens in the whole optimizer step (all micro-batches,
@@ -207,7 +257,8 @@ class VLM(nn.Module):
         A packed batch (collate(..., pack=True): `position_ids`, `cu_seqlens`, `max_seqlen`) gives the
         same loss as the padded batch of the same samples; its `attention_mask` is not used.
         """
-        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image, cu_seqlens)
+        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image, cu_seqlens,
+                            pixel_values_videos, frames_per_video, videos_per_sample)
         hidden = self._decode(embeds, attention_mask, position_ids, cu_seqlens, max_seqlen)
         targets = labels[:, 1:]  # [B, T-1]
         sel = targets != IGNORE
@@ -255,18 +306,22 @@ class VLM(nn.Module):
         return logits
 
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, images_per_sample=None,
-               tiles_per_image=None, position_ids=None, cu_seqlens=None, max_seqlen=None, **_) -> torch.Tensor:
+               tiles_per_image=None, position_ids=None, cu_seqlens=None, max_seqlen=None, pixel_values_videos=None,
+               frames_per_video=None, videos_per_sample=None, **_) -> torch.Tensor:
         """Full logits [B, T, V] (for inference and tests; a packed batch too)."""
-        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image, cu_seqlens)
+        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image, cu_seqlens,
+                            pixel_values_videos, frames_per_video, videos_per_sample)
         if cu_seqlens is None:
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask).logits
         return self._decode(embeds, None, position_ids, cu_seqlens, max_seqlen, base=False)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
-                 image_sizes=None, images_per_sample=None, tiles_per_image=None, **kwargs):
+                 image_sizes=None, images_per_sample=None, tiles_per_image=None, pixel_values_videos=None,
+                 frames_per_video=None, videos_per_sample=None, **kwargs):
         """Generate with the LLM's KV cache; a batch must be left-padded. Returns only the new tokens."""
-        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image)
+        embeds = self.embed(input_ids, pixel_values, image_sizes, images_per_sample, tiles_per_image, None,
+                            pixel_values_videos, frames_per_video, videos_per_sample)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.setdefault("do_sample", False)
