@@ -12,7 +12,12 @@ Qwen2-0.5B-shaped LLM built from `config:`.
   python3 benchmarks/train_throughput.py --llm 7b --stage 1 --batch 32 --steps 10
   python3 benchmarks/train_throughput.py --llm 1.5b --stage 2 --batch 16 --gc --steps 10
   python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --compile --steps 10
+  python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --video 8 --steps 10   # video samples
   python3 benchmarks/train_throughput.py --device cpu --llm tiny --batch 2 --steps 2 --warmup 1   # smoke
+
+`--video F`: each sample is an H.264 clip (336x336, 30 fps, 3 s) decoded in the DataLoader workers, F frames
+sampled uniformly, each frame's 24x24 CLIP grid average-pooled 2x2 (LLaVA-NeXT-Video): F x 144 placeholders in
+place of the image's 576, the same text.
 
 Rates are read from the run's own log (output_dir/log.jsonl: per step, cumulative samples, real tokens, model
 FLOPs and seconds) between the end of step `--warmup` and the last step. MFU uses the peer's FLOP formula
@@ -51,8 +56,8 @@ def write_data(folder: Path, a) -> dict:
     t0 = time.perf_counter()
     rng = np.random.default_rng(a.seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    files = []
-    for k in range(a.images):
+    files = write_clips(folder / "images", rng, a) if a.video else []
+    for k in range(0 if a.video else a.images):
         name = f"{k:06d}.jpg"
         dt.make_image(rng, 336, 336).save(folder / "images" / name, quality=90)
         files.append(name)
@@ -64,17 +69,36 @@ def write_data(folder: Path, a) -> dict:
     maker = dt.TextMaker(load_tokenizer(tok_dir, "<image>"), words, template, a.seed)
     n = (a.warmup + a.steps) * a.batch
     lengths = text_lengths(n, a.stage, a.seed)
-    records = [{"id": f"bench-{k:06d}", "image": files[k % len(files)], "conversations": maker.conversation(t)}
+    key = "video" if a.video else "image"
+    records = [{"id": f"bench-{k:06d}", key: files[k % len(files)], "conversations": maker.conversation(t)}
                for k, t in enumerate(lengths)]
+    if a.video:
+        for r in records:
+            r["conversations"][0]["value"] = r["conversations"][0]["value"].replace("<image>", "<video>", 1)
     (folder / "data.json").write_text(json.dumps(records))
     return {"json": str(folder / "data.json"), "image_folder": str(folder / "images"), "tokenizer": tok_dir,
             "template": template, "lengths": lengths, "seconds": time.perf_counter() - t0}
 
 
+def write_clips(folder: Path, rng, a) -> list[str]:
+    """`a.images // 4` H.264 clips of 90 photo-like 336x336 frames (a picture panning), 30 fps."""
+    import data_throughput as dt
+
+    from vlmkit.experiments.video_demo import write_mp4
+
+    names = []
+    for k in range(max(2, a.images // 4)):
+        base = np.asarray(dt.make_image(rng, 336 + 90 * 2, 336, "RGB"))  # [H, W + 180, 3]
+        frames = [np.ascontiguousarray(base[:, 2 * t:2 * t + 336]) for t in range(90)]
+        names.append(f"{k:06d}.mp4")
+        write_mp4(folder / names[-1], frames, rate=30)
+    return names
+
+
 def run_config(a, files: dict, out: Path):
     """The RunConfig a user would write for this shape (as recipes/configs/llava15_7b.yaml, random weights)."""
     from vlmkit.config import (ComponentPlan, ConnectorConfig, DataConfig, EncoderConfig, LLMConfig, ModelConfig,
-                               RunConfig, StageConfig, TrainConfig)
+                               RunConfig, StageConfig, TrainConfig, VideoConfig)
 
     mt, h, inter, layers, heads, kvh, vocab = LLMS[a.llm]
     llm = dict(model_type=mt, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
@@ -84,7 +108,8 @@ def run_config(a, files: dict, out: Path):
         encoder=EncoderConfig(name="clip", config=dict(TINY_VISION if a.llm == "tiny" else VISION), feature_layer=-2,
                               image_aspect="pad"),
         connector=ConnectorConfig("mlp2x_gelu"),
-        llm=LLMConfig(config=llm, tokenizer=files["tokenizer"], attn_implementation=a.attn), template="vicuna_v1")
+        llm=LLMConfig(config=llm, tokenizer=files["tokenizer"], attn_implementation=a.attn), template="vicuna_v1",
+        video=VideoConfig(pool="average", pool_stride=2, newline="none") if a.video else None)
     plan = {"connector": ComponentPlan(mode="full")}
     if a.stage == 2:
         plan["llm"] = (ComponentPlan(mode="lora", r=a.lora_r, alpha=2 * a.lora_r, dropout=0.05) if a.lora
@@ -92,7 +117,8 @@ def run_config(a, files: dict, out: Path):
     stage = StageConfig(
         name=f"stage{a.stage}", train=plan,
         data=DataConfig(path=files["json"], image_folder=files["image_folder"], template=files["template"],
-                        max_length=2048, num_workers=a.workers, pack=not a.no_pack),
+                        max_length=2048 + 144 * a.video, num_workers=a.workers, pack=not a.no_pack,
+                        **({"max_frames": a.video} if a.video else {})),
         lr=LR[a.stage], weight_decay=0.0, global_batch_size=a.batch, per_device_batch_size=a.batch,
         max_steps=a.warmup + a.steps, warmup_ratio=0.03, gradient_checkpointing=a.gc,
         gradient_checkpointing_every=a.gc_every, gradient_checkpointing_skip=a.gc_skip, compile=a.compile)
@@ -149,7 +175,8 @@ def parse_args(argv=None):
     p.add_argument("--no-pack", action="store_true", help="padded batches instead of data.pack")
     p.add_argument("--precision", default="auto", help="train.precision (auto: bf16-master on a GPU)")
     p.add_argument("--workers", type=int, default=4, help="data.num_workers")
-    p.add_argument("--images", type=int, default=64, help="distinct image files")
+    p.add_argument("--images", type=int, default=64, help="distinct image files (--video: a quarter as many clips)")
+    p.add_argument("--video", type=int, default=0, metavar="F", help="video samples of F frames instead of images")
     p.add_argument("--vocab", type=int, default=4000, help="BPE vocabulary of the generated text")
     p.add_argument("--log-with", default="tensorboard", help="train.log_with ('none': off)")
     p.add_argument("--peak", type=float, default=790.0, help="bf16 dense TFLOP/s of the device (MFU)")
@@ -193,6 +220,7 @@ def main(argv=None) -> dict:
 
             mem = {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # host RSS
         res = dict(impl="vlmkit", path="recipe" if a.via_recipe else "run", llm=a.llm, stage=a.stage, batch=a.batch, gc=a.gc,
+                   video_frames=a.video,
                    lengths="workload", samples_s=round(rate["samples"], 2), real_tokens_s=round(rate["tokens"]),
                    pad_fraction=0.0 if not a.no_pack else None, tflops=round(rate["flops"] / 1e12, 1),
                    mfu=round(rate["flops"] / 1e12 / a.peak, 3), mfu_llm=round(rate["llm_flops"] / 1e12 / a.peak, 3),
