@@ -51,7 +51,7 @@ def cmd_eval(args) -> int:
     model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).to(acc.device)
     settings = {"images": False, "blank images": True} if args.blank_images else {"images": False}
     results = {name: evaluate(model, args.data, args.image_folder, blank_images=blank, batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens, accelerator=acc)
+                              max_new_tokens=args.max_new_tokens, accelerator=acc, limit=args.limit)
                for name, blank in settings.items()}
     if acc.is_main_process:
         print(markdown_table(results), end="")
@@ -62,42 +62,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    import torch
-    from transformers import TextStreamer
-
-    from .data.images import load_image
+    """One-shot with --prompt; otherwise the interactive session of vlmkit/chat.py (roles, /image, /clear, /exit)."""
+    from .chat import ChatSession
     from .models import VLM
     from .models.build import resolve_model_dir
 
     model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).eval()
-    proc = model.processor()
-    images = [load_image(args.image)] if args.image else []
     gen = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens}
     if args.temperature > 0:
         gen.update(temperature=args.temperature, top_p=args.top_p)
-    history: list[dict] = []
-
-    def answer(text: str) -> str:
-        first = not history
-        content = ("<image>\n" * len(images) if first else "") + text
-        history.append({"role": "user", "content": content})
-        p = proc(history, images, add_generation_prompt=True)
-        streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
-        with torch.no_grad():
-            out = model.generate(p["input_ids"][None], None, p["pixel_values"], image_sizes=p["image_sizes"],
-                                 tiles_per_image=p["tiles_per_image"], streamer=streamer, **gen)
-        reply = model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
-        history.append({"role": "assistant", "content": reply})
-        return reply
-
+    session = ChatSession(model, gen)
+    if args.image:
+        session.attach(args.image)  # one-shot or not, a bad --image is an error before anything is asked
     if args.prompt:
-        answer(args.prompt)
+        session.answer(args.prompt)
         return 0
-    print("vlmkit chat: empty line or Ctrl-D to quit", file=sys.stderr)
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        answer(line.strip())
+    session.loop(sys.stdin)
     return 0
 
 
@@ -187,6 +167,8 @@ def _add_eval(sub, common, trust) -> None:
                    help="also answer with every image replaced by a blank one (how much comes from the text alone)")
     e.add_argument("--batch-size", type=int, default=64, help="questions answered at once")
     e.add_argument("--max-new-tokens", type=int, default=16, help="longest answer")
+    e.add_argument("--limit", type=int, help="answer only the first N questions (of the whole file, however many "
+                                             "processes share them)")
     e.add_argument("--output-dir", help="write eval.json (every answer) and eval.md (the table) here")
     e.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     e.set_defaults(fn=cmd_eval)
@@ -195,8 +177,9 @@ def _add_eval(sub, common, trust) -> None:
 def _add_chat(sub, common, trust) -> None:
     c = sub.add_parser("chat", help="talk to a model about an image", parents=[common, trust])
     c.add_argument("model", help="a vlmkit model folder, or a run folder (its model/ is used)")
-    c.add_argument("--image", help="an image file to talk about")
-    c.add_argument("--prompt", help="one-shot: answer this and exit")
+    c.add_argument("--image", help="an image file to talk about (interactive: /image PATH adds or changes it)")
+    c.add_argument("--prompt", help="one-shot: answer this and exit (without it: interactive, USER> prompts; "
+                                    "/image PATH, /clear, /help, /exit or Ctrl-D)")
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (with --temperature > 0)")
