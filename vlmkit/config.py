@@ -36,7 +36,10 @@ class EncoderConfig:
     path: str | None = None
     """Hub id or local directory (save_pretrained layout). None: random weights from `config`."""
     config: dict[str, Any] | None = None
-    """transformers config kwargs used when `path` is None (or to override a loaded config)."""
+    """transformers config kwargs used when `path` is None (or to override a loaded config). Its `model_type`
+    picks the transformers model; without one the kind's first: for `siglip2` that is the NaFlex model
+    (siglip2_vision_model, which export refuses; an info line says so): write `model_type: siglip_vision_model`
+    for the fixed-resolution SigLIP."""
     position_init_std: float | None = None
     """Random weights only (`path` None): draw the position table from N(0, std) instead of the model's own
     init. A frozen random encoder (the stand-ins of the demos and ablations) tells the LLM where a patch is
