@@ -1,4 +1,4 @@
-"""`vlmkit train | eval | chat | export | import | check-data`.
+"""`vlmkit train | eval | chat | export | import | check-data | recipe`.
 
     vlmkit train CONFIG.yaml [KEY=VALUE ...] (or: accelerate launch -m vlmkit.cli train CONFIG.yaml ...)
     vlmkit eval MODEL_DIR --data eval.json   accuracy against reference answers
@@ -7,6 +7,9 @@
     vlmkit import HF_DIR_OR_HUB_ID OUT_DIR   a Llava / LlavaNext / InternVL checkpoint -> a vlmkit model folder
     vlmkit check-data --config RUN.yaml      scan every stage's data for bad samples (exit 1 if any)
     vlmkit check-data data.json --model MODEL_DIR --json report.json
+    vlmkit recipe list                       the shipped recipes and configs (--config llava15_7b names one)
+    vlmkit recipe llava15 [ARGS ...]         run one (or: accelerate launch -m vlmkit.cli recipe llava15 ...)
+    vlmkit recipe copy llava15 DIR           the recipe and its configs, to edit
 
 An error prints one line and exits with status 1 (--debug, or VLMKIT_DEBUG=1, shows the traceback).
 A model folder's own Python code never runs unless --trust-remote-code is given for that command.
@@ -109,6 +112,25 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_recipe(args) -> int:
+    """`recipe list`, `recipe copy NAME DIR`, or `recipe NAME ARGS...` (the recipe's own command line)."""
+    from .shipped import RecipeError, configs, copy_recipe, recipes, recipes_dir, run_recipe
+
+    if args.name == "list":
+        rows = recipes()
+        width = max(map(len, rows))
+        print("\n".join(f"{name:<{width}}  {doc}" for name, doc in rows.items()))
+        print(f"\nin {recipes_dir()} (configs/, accelerate/); shipped configs (--config NAME): {', '.join(configs())}")
+        return 0
+    if args.name == "copy":
+        if len(args.args) != 2:
+            raise RecipeError("usage: vlmkit recipe copy NAME DIR (e.g. vlmkit recipe copy llava15 my_recipe)")
+        written = copy_recipe(*args.args)
+        print(f"copied {args.args[0]} to {args.args[1]}: " + ", ".join(str(p) for p in written))
+        return 0
+    return run_recipe(args.name, args.args)
+
+
 def cmd_check_data(args) -> int:
     from .check_data import run_cli
 
@@ -140,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "whose author you trust; a folder's config.json cannot switch this on)")
     sub = ap.add_subparsers(dest="cmd", required=True, title="verbs")
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # defaults shown
-    for add in (_add_train, _add_eval, _add_chat, _add_export, _add_import, _add_check_data):
+    for add in (_add_train, _add_eval, _add_chat, _add_export, _add_import, _add_check_data, _add_recipe):
         add(sub, common, trust)
     return ap
 
@@ -230,6 +252,18 @@ def _add_check_data(sub, common, trust) -> None:
     k.add_argument("--limit", type=int, help="check only the first N samples of each dataset")
     k.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     k.set_defaults(fn=cmd_check_data)
+
+
+def _add_recipe(sub, common, trust) -> None:
+    r = sub.add_parser("recipe", help="the shipped recipes: list, run one (vlmkit recipe NAME ARGS...), copy one "
+                                      "with its configs to edit")
+    r.add_argument("name", metavar="list | copy | NAME",
+                   help="list: the recipes and shipped configs; copy NAME DIR: the recipe and its configs into DIR; "
+                        "NAME: run recipe NAME with ARGS (as accelerate launch recipes/NAME.py ARGS; under "
+                        "accelerate launch -m vlmkit.cli recipe NAME ARGS on several processes)")
+    r.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="the recipe's own arguments (vlmkit recipe NAME --help lists them)")
+    r.set_defaults(fn=cmd_recipe, debug=False)
 
 
 def main(argv=None) -> int:

@@ -785,7 +785,11 @@ class PlanConfig:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from `path`; a syntax error is one line naming the file, line and column."""
+    """A YAML mapping from `path` (or a shipped config by name, e.g. `llava15_7b`: vlmkit/shipped.py); a syntax
+    error is one line naming the file, line and column."""
+    from .shipped import resolve_config
+
+    path = resolve_config(path)
     with open(path) as f:
         try:
             data = yaml.safe_load(f)
