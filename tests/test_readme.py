@@ -1,7 +1,7 @@
 """README.md is checked against the code:
 
 1. every field of every config dataclass in vlmkit/config.py appears in the YAML block of README's "## Configs";
-2. every command README's bash blocks show (`vlmkit ...`, `python -m vlmkit...`, `python recipes/...`,
+2. every command README's bash blocks and `Reproduce:` lines show (`vlmkit ...`, `python -m vlmkit...`, `python recipes/...`,
    `accelerate launch ... recipes/...` or `-m vlmkit.cli ...`) parses with its entry point's own parser, and that
    entry point answers `--help` with exit status 0; every `recipes/...` path it names exists;
 3. every figure (a markdown table with measured numbers) in README.md and BENCHMARKS.md has the command that
@@ -87,8 +87,18 @@ def bash_commands(text: str) -> list[tuple[int, str]]:
     return out
 
 
+def reproduce_commands(text: str) -> list[tuple[int, list[str]]]:
+    """(line number, command) of each backticked command on a `Reproduce:` line."""
+    return [(n, shlex.split(cmd)) for n, line in enumerate(text.splitlines(), 1) if line.startswith("Reproduce: ")
+            for cmd in re.findall(r"`([^`]+)`", line)]
+
+
 def entry_point(words: list[str]) -> tuple[str, str, list[str]] | None:
     """("vlmkit", "", args) or ("recipe", path, args) for a command this test checks, else None."""
+    while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):  # VLMKIT_CPU_THREADS=1 accelerate launch ...
+        words = words[1:]
+    if not words:
+        return None
     if words[0] == "vlmkit":
         return "vlmkit", "", words[1:]
     if words[:2] == ["accelerate", "launch"] or words[0] in ("python", "python3"):
@@ -133,7 +143,8 @@ def check_command(words: list[str]) -> str | None:
 
 
 def test_every_command_shown_answers_help():
-    commands = [(n, w) for n, w in bash_commands(README.read_text()) if entry_point(w)]
+    text = README.read_text()
+    commands = [(n, w) for n, w in bash_commands(text) + reproduce_commands(text) if entry_point(w)]
     assert len(commands) >= 25, len(commands)  # the commands were found
     assert {entry_point(w)[1] for _, w in commands} >= {"", "recipes/llava15.py", "recipes/lora_finetune.py"}
     bad = [f"README.md:{n}: {' '.join(w)}: {why}" for n, w in commands if (why := check_command(w))]
@@ -144,6 +155,8 @@ def test_the_command_check_can_fail():
     assert check_command(["vlmkit", "eval", "m", "--data", "x", "--no-such-flag"]) == (
         "its arguments do not parse (vlmkit.cli.build_parser)")
     assert check_command(["vlmkit", "nope"]) == "`vlmkit nope --help` fails"
+    assert check_command(["X=1", "accelerate", "launch", "recipes/llava15.py", "--demo-train-images", "many"]) == (
+        "`recipes/llava15.py --demo-train-images many --help` does not exit 0")
     assert check_command(["accelerate", "launch", "recipes/llava15.py", "--config", "recipes/configs/x.yaml"]) == (
         "names files that do not exist: recipes/configs/x.yaml")
 
@@ -170,11 +183,31 @@ def figures(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def headings(lines: list[str]) -> set[int]:
+    """0-based indices of markdown headings (outside fenced blocks, where `# ...` is a shell comment)."""
+    out, fenced = set(), False
+    for i, x in enumerate(lines):
+        if x.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"^#{1,6} ", x):
+            out.add(i)
+    return out
+
+
 def unreproducible(text: str) -> list[tuple[int, str]]:
-    """Figures without a ```bash block or a `Reproduce:` line within FIGURE_WINDOW lines."""
+    """Figures without a ```bash block or a `Reproduce:` line within FIGURE_WINDOW lines, in their own section
+    (the window stops at a heading)."""
     lines, bad = text.splitlines(), []
+    heads = headings(lines)
     for first, last in figures(text):
-        near = lines[max(0, first - 1 - FIGURE_WINDOW):first - 1] + lines[last:last + FIGURE_WINDOW]
+        above = [i for i in range(first - 2, max(-1, first - 2 - FIGURE_WINDOW), -1)]
+        below = [i for i in range(last, min(len(lines), last + FIGURE_WINDOW))]
+        near = []
+        for side in (above, below):
+            for i in side:
+                if i in heads:
+                    break
+                near.append(lines[i])
         if not any(x.strip() == "```bash" or x.startswith("Reproduce: `") for x in near):
             bad.append((first, lines[first - 1][:70]))
     return bad
@@ -194,3 +227,4 @@ def test_the_figure_check_can_fail():
     assert figures(table) == [(1, 3)] and unreproducible(table) == [(1, "| a | b |")]
     assert unreproducible("Reproduce: `vlmkit eval m --data d`\n\n" + table) == []
     assert figures("| a | b |\n|---|---|\n| `clip` | CLS |\n") == []  # words only: not a figure
+    assert unreproducible("```bash\nvlmkit eval m --data d\n```\n## Next\n" + table) == [(5, "| a | b |")]
