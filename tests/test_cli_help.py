@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-VERBS = ("train", "eval", "chat", "export", "import", "check-data")
+VERBS = ("train", "eval", "chat", "export", "import", "check-data", "recipe")
 
 
 def helptext(*args) -> str:

@@ -64,3 +64,33 @@ def test_eval_on_two_processes_equals_one(vlm, eval_file, tmp_path):
     one = json.load(open(tmp_path / "one" / "eval.json"))["images"]
     two = json.load(open(tmp_path / "two" / "eval.json"))["images"]
     assert two["samples"] == one["samples"] and two["accuracy"] == one["accuracy"]
+
+
+def test_limit_takes_the_first_n_samples(vlm, eval_file):
+    res = evaluate(vlm, str(eval_file), max_new_tokens=3, progress=False, limit=3)
+    assert res["n"] == 3 and [r["id"] for r in res["samples"]] == ["q0", "q1", "q2"]
+    assert evaluate(vlm, str(eval_file), max_new_tokens=3, progress=False, limit=100)["n"] == 7
+    with pytest.raises(ValueError, match="limit must be a positive number of samples, got 0"):
+        evaluate(vlm, str(eval_file), limit=0)
+
+
+def test_limit_applies_to_the_whole_set_across_processes(vlm, eval_file, monkeypatch):
+    """With 2 processes and --limit 3, the two shards together are the first 3 samples (2 + 1), not 3 each."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda rows: rows)  # each rank's own rows
+    shards = []
+    for rank in (0, 1):
+        acc = type("Acc", (), {"process_index": rank, "num_processes": 2})()
+        shards.append([r["id"] for r in evaluate(vlm, str(eval_file), max_new_tokens=3, progress=False,
+                                                 accelerator=acc, limit=3)["samples"]])
+    assert shards == [["q0"], ["q1", "q2"]]
+
+
+def test_eval_cli_limit(vlm, eval_file, tmp_path):
+    from vlmkit.cli import main
+
+    vlm.save_pretrained(tmp_path / "model")
+    assert main(["eval", str(tmp_path / "model"), "--data", str(eval_file), "--max-new-tokens", "2", "--limit", "2",
+                 "--cpu", "--output-dir", str(tmp_path / "out")]) == 0
+    assert [r["id"] for r in json.load(open(tmp_path / "out" / "eval.json"))["images"]["samples"]] == ["q0", "q1"]

@@ -55,7 +55,8 @@ def test_quantization_without_bitsandbytes_is_a_clear_error(tok_dir, monkeypatch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
-    with pytest.raises(RuntimeError, match="needs bitsandbytes: `pip install bitsandbytes`"):
+    with pytest.raises(ImportError, match=r"llm.quantization \(4-bit QLoRA\) needs the bitsandbytes package, which is "
+                       r"not installed .*: pip install 'vlmkit\[qlora\]' \(or pip install bitsandbytes\)"):
         VLM.from_config(qlora_config(tok_dir))
 
 

@@ -1,4 +1,4 @@
-"""`vlmkit train | eval | chat | export | import | check-data`.
+"""`vlmkit train | eval | chat | export | import | check-data | recipe`.
 
     vlmkit train CONFIG.yaml [KEY=VALUE ...] (or: accelerate launch -m vlmkit.cli train CONFIG.yaml ...)
     vlmkit eval MODEL_DIR --data eval.json   accuracy against reference answers
@@ -7,6 +7,9 @@
     vlmkit import HF_DIR_OR_HUB_ID OUT_DIR   a Llava / LlavaNext / InternVL checkpoint -> a vlmkit model folder
     vlmkit check-data --config RUN.yaml      scan every stage's data for bad samples (exit 1 if any)
     vlmkit check-data data.json --model MODEL_DIR --json report.json
+    vlmkit recipe list                       the shipped recipes and configs (--config llava15_7b names one)
+    vlmkit recipe llava15 [ARGS ...]         run one (or: accelerate launch -m vlmkit.cli recipe llava15 ...)
+    vlmkit recipe copy llava15 DIR           the recipe and its configs, to edit
 
 An error prints one line and exits with status 1 (--debug, or VLMKIT_DEBUG=1, shows the traceback).
 A model folder's own Python code never runs unless --trust-remote-code is given for that command.
@@ -51,7 +54,7 @@ def cmd_eval(args) -> int:
     model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).to(acc.device)
     settings = {"images": False, "blank images": True} if args.blank_images else {"images": False}
     results = {name: evaluate(model, args.data, args.image_folder, blank_images=blank, batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens, accelerator=acc)
+                              max_new_tokens=args.max_new_tokens, accelerator=acc, limit=args.limit)
                for name, blank in settings.items()}
     if acc.is_main_process:
         print(markdown_table(results), end="")
@@ -62,42 +65,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    import torch
-    from transformers import TextStreamer
-
-    from .data.images import load_image
+    """One-shot with --prompt; otherwise the interactive session of vlmkit/chat.py (roles, /image, /clear, /exit)."""
+    from .chat import ChatSession
     from .models import VLM
     from .models.build import resolve_model_dir
 
     model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).eval()
-    proc = model.processor()
-    images = [load_image(args.image)] if args.image else []
     gen = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens}
     if args.temperature > 0:
         gen.update(temperature=args.temperature, top_p=args.top_p)
-    history: list[dict] = []
-
-    def answer(text: str) -> str:
-        first = not history
-        content = ("<image>\n" * len(images) if first else "") + text
-        history.append({"role": "user", "content": content})
-        p = proc(history, images, add_generation_prompt=True)
-        streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
-        with torch.no_grad():
-            out = model.generate(p["input_ids"][None], None, p["pixel_values"], image_sizes=p["image_sizes"],
-                                 tiles_per_image=p["tiles_per_image"], streamer=streamer, **gen)
-        reply = model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
-        history.append({"role": "assistant", "content": reply})
-        return reply
-
+    session = ChatSession(model, gen)
+    if args.image:
+        session.attach(args.image)  # one-shot or not, a bad --image is an error before anything is asked
     if args.prompt:
-        answer(args.prompt)
+        session.answer(args.prompt)
         return 0
-    print("vlmkit chat: empty line or Ctrl-D to quit", file=sys.stderr)
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        answer(line.strip())
+    session.loop(sys.stdin)
     return 0
 
 
@@ -127,6 +110,25 @@ def cmd_import(args) -> int:
     print(f"imported {args.source} -> {args.out_dir} (vlmkit model folder: encoder {model.encoder.kind}, "
           f"connector {model.config.connector.name}, tiling {model.config.tiling.mode})")
     return 0
+
+
+def cmd_recipe(args) -> int:
+    """`recipe list`, `recipe copy NAME DIR`, or `recipe NAME ARGS...` (the recipe's own command line)."""
+    from .shipped import RecipeError, configs, copy_recipe, recipes, recipes_dir, run_recipe
+
+    if args.name == "list":
+        rows = recipes()
+        width = max(map(len, rows))
+        print("\n".join(f"{name:<{width}}  {doc}" for name, doc in rows.items()))
+        print(f"\nin {recipes_dir()} (configs/, accelerate/); shipped configs (--config NAME): {', '.join(configs())}")
+        return 0
+    if args.name == "copy":
+        if len(args.args) != 2:
+            raise RecipeError("usage: vlmkit recipe copy NAME DIR (e.g. vlmkit recipe copy llava15 my_recipe)")
+        written = copy_recipe(*args.args)
+        print(f"copied {args.args[0]} to {args.args[1]}: " + ", ".join(str(p) for p in written))
+        return 0
+    return run_recipe(args.name, args.args)
 
 
 def cmd_check_data(args) -> int:
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "whose author you trust; a folder's config.json cannot switch this on)")
     sub = ap.add_subparsers(dest="cmd", required=True, title="verbs")
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # defaults shown
-    for add in (_add_train, _add_eval, _add_chat, _add_export, _add_import, _add_check_data):
+    for add in (_add_train, _add_eval, _add_chat, _add_export, _add_import, _add_check_data, _add_recipe):
         add(sub, common, trust)
     return ap
 
@@ -187,6 +189,8 @@ def _add_eval(sub, common, trust) -> None:
                    help="also answer with every image replaced by a blank one (how much comes from the text alone)")
     e.add_argument("--batch-size", type=int, default=64, help="questions answered at once")
     e.add_argument("--max-new-tokens", type=int, default=16, help="longest answer")
+    e.add_argument("--limit", type=int, help="answer only the first N questions (of the whole file, however many "
+                                             "processes share them)")
     e.add_argument("--output-dir", help="write eval.json (every answer) and eval.md (the table) here")
     e.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     e.set_defaults(fn=cmd_eval)
@@ -195,8 +199,9 @@ def _add_eval(sub, common, trust) -> None:
 def _add_chat(sub, common, trust) -> None:
     c = sub.add_parser("chat", help="talk to a model about an image", parents=[common, trust])
     c.add_argument("model", help="a vlmkit model folder, or a run folder (its model/ is used)")
-    c.add_argument("--image", help="an image file to talk about")
-    c.add_argument("--prompt", help="one-shot: answer this and exit")
+    c.add_argument("--image", help="an image file to talk about (interactive: /image PATH adds or changes it)")
+    c.add_argument("--prompt", help="one-shot: answer this and exit (without it: interactive, USER> prompts; "
+                                    "/image PATH, /clear, /help, /exit or Ctrl-D)")
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (with --temperature > 0)")
@@ -247,6 +252,18 @@ def _add_check_data(sub, common, trust) -> None:
     k.add_argument("--limit", type=int, help="check only the first N samples of each dataset")
     k.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     k.set_defaults(fn=cmd_check_data)
+
+
+def _add_recipe(sub, common, trust) -> None:
+    r = sub.add_parser("recipe", help="the shipped recipes: list, run one (vlmkit recipe NAME ARGS...), copy one "
+                                      "with its configs to edit")
+    r.add_argument("name", metavar="list | copy | NAME",
+                   help="list: the recipes and shipped configs; copy NAME DIR: the recipe and its configs into DIR; "
+                        "NAME: run recipe NAME with ARGS (as accelerate launch recipes/NAME.py ARGS; under "
+                        "accelerate launch -m vlmkit.cli recipe NAME ARGS on several processes)")
+    r.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="the recipe's own arguments (vlmkit recipe NAME --help lists them)")
+    r.set_defaults(fn=cmd_recipe, debug=False)
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,10 @@ class EncoderConfig:
     path: str | None = None
     """Hub id or local directory (save_pretrained layout). None: random weights from `config`."""
     config: dict[str, Any] | None = None
-    """transformers config kwargs used when `path` is None (or to override a loaded config)."""
+    """transformers config kwargs used when `path` is None (or to override a loaded config). Its `model_type`
+    picks the transformers model; without one the kind's first: for `siglip2` that is the NaFlex model
+    (siglip2_vision_model, which export refuses; an info line says so): write `model_type: siglip_vision_model`
+    for the fixed-resolution SigLIP."""
     position_init_std: float | None = None
     """Random weights only (`path` None): draw the position table from N(0, std) instead of the model's own
     init. A frozen random encoder (the stand-ins of the demos and ablations) tells the LLM where a patch is
@@ -961,7 +964,11 @@ class PlanConfig:
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from `path`; a syntax error is one line naming the file, line and column."""
+    """A YAML mapping from `path` (or a shipped config by name, e.g. `llava15_7b`: vlmkit/shipped.py); a syntax
+    error is one line naming the file, line and column."""
+    from .shipped import resolve_config
+
+    path = resolve_config(path)
     with open(path) as f:
         try:
             data = yaml.safe_load(f)

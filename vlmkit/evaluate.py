@@ -41,7 +41,7 @@ def generate_answers(model, prompts: list[dict], batch_size: int = 64, max_new_t
 
 
 def evaluate(model, path: str, image_folder: str = "", blank_images: bool = False, batch_size: int = 64,
-             max_new_tokens: int = 16, progress: bool = True, accelerator=None) -> dict:
+             max_new_tokens: int = 16, progress: bool = True, accelerator=None, limit: int | None = None) -> dict:
     """Accuracy on a LLaVA-format file (or HF dataset) whose last turn is the reference answer.
 
     Each sample's conversation up to its last assistant turn is the prompt; the greedy answer is
@@ -49,10 +49,13 @@ def evaluate(model, path: str, image_folder: str = "", blank_images: bool = Fals
     With `blank_images` every image is replaced by a uniform mean-colour image: what is still right
     is answered from the text alone. A sample's optional "type" field gives per-type accuracy.
     With an `accelerator` of several processes, each answers a contiguous shard and all get the result.
+    `limit`: only the first `limit` samples of the file (of the whole file, however many processes share them).
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of samples, got {limit}")
     processor = model.processor()
     ds = ConversationDataset(path, processor, image_folder)
-    n = len(ds.records)
+    n = len(ds.records) if limit is None else min(limit, len(ds.records))
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     lo, hi = rank * n // world, (rank + 1) * n // world
     prompts, rows = [], []

@@ -32,6 +32,7 @@ import torch
 
 from ..config import (ConfigError, ConnectorConfig, EncoderConfig, RunConfig, from_dict, load_config, read_yaml,
                      to_dict)
+from ..extras import require
 
 RESULT_NAME = "ablation_result.json"
 CONFIG_NAME = "ablation_config.json"
@@ -260,10 +261,8 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path, title: str = "Encoder / connector ablation") -> None:
     """Accuracy with real and with blank images (left), training speed and image tokens (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plots", "the ablation plot").use("Agg")
+    plt = require("matplotlib.pyplot", "plots", "the ablation plot")
 
     labels = [f"{r['encoder']}\n+ {r['connector']}" for r in rows]
     x = range(len(rows))
@@ -314,6 +313,7 @@ def run_ablation(abl: AblationConfig, base: RunConfig, pairs: list[tuple[str, st
 
     from ..training.distributed import destroy_at_exit
 
+    require("matplotlib", "plots", "the ablation plot (ablation.png)")  # before any training, not after it
     state = PartialState(cpu=cpu)
     destroy_at_exit()
     out = Path(abl.output_dir)

@@ -20,8 +20,9 @@ def whole(p: torch.Tensor):
     if not hasattr(p, "ds_id"):
         yield
         return
-    import deepspeed
+    from ..extras import require
 
+    deepspeed = require("deepspeed", "deepspeed", "a ZeRO-3 partitioned parameter")
     with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
         yield
 

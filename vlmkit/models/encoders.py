@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, replace
@@ -33,6 +34,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from ..config import EncoderConfig, FusedEncoderConfig
 from ..registry import ENCODERS
+
+logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -580,7 +583,24 @@ def encoder_hf_config(cfg: EncoderConfig) -> PretrainedConfig:
         for k, v in (cfg.config or {}).items():
             setattr(hf_cfg, k, v)
         return hf_cfg
+    if cfg.name == "siglip2" and "model_type" not in (cfg.config or {}):
+        _note_naflex_default(cfg.config)
     return _vision_config(_config_from_dict(cfg.config, (spec.model_types or (None,))[0], cfg.name))
+
+
+_NOTED: set[str] = set()
+
+
+def _note_naflex_default(config: dict | None) -> None:
+    """`name: siglip2` with an inline `config:` and no model_type builds the NaFlex model (siglip2_vision_model),
+    which `vlmkit export` refuses: said once per process and config, at info level."""
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key in _NOTED:
+        return
+    _NOTED.add(key)
+    logger.info("encoder siglip2 with an inline config and no model_type: building the NaFlex SigLIP 2 "
+                "(siglip2_vision_model), which vlmkit export refuses; add model_type: siglip_vision_model to the "
+                "config for the fixed-resolution SigLIP that exports to Llava")
 
 
 def _stats(cfg: EncoderConfig):

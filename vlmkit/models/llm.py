@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..config import LLMConfig, QuantizationConfig
+from ..extras import require
 
 
 def load_tokenizer(path: str, image_token: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -36,10 +37,7 @@ def check_quantization_support() -> None:
         raise RuntimeError("llm.quantization (4-bit QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit training "
                            "kernels run on CUDA, and this machine has none. Remove `quantization` from the llm "
                            "config to train in full precision (LoRA works without it).")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise RuntimeError("llm.quantization (4-bit QLoRA) needs bitsandbytes: `pip install bitsandbytes`") from None
+    require("bitsandbytes", "qlora", "llm.quantization (4-bit QLoRA)")
 
 
 def bnb_config(q: QuantizationConfig):

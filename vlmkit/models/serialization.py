@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..config import to_dict
 from ..errors import disk_full, is_disk_full, load_file
+from ..extras import require
 from ..version import __version__
 from .distributed import param_id, whole
 from .lora import ADAPTER_WEIGHTS, load_adapters
@@ -137,8 +138,7 @@ def state_to_save(model, state: dict[str, torch.Tensor] | None = None) -> dict[s
     for name, m in model.named_modules():  # bitsandbytes 4-bit weights: saved dequantized (compute dtype)
         w = getattr(m, "weight", None)
         if type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None:
-            from bitsandbytes.functional import dequantize_4bit
-
+            dequantize_4bit = require("bitsandbytes.functional", "qlora", "saving a 4-bit LLM").dequantize_4bit
             state = {k: v for k, v in state.items() if not k.startswith(f"{name}.weight.")}
             state[f"{name}.weight"] = dequantize_4bit(w.data, w.quant_state).to(w.quant_state.dtype)
     # LoRA-wrapped layers keep their base weight as `<layer>.base_layer.weight`: save the plain names
