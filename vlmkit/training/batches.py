@@ -41,6 +41,7 @@ class BatchStream:
             raise ValueError("the data loader yields no batch (empty dataset?)")
         self.loader, self.epoch, self.offset, self.device = loader, epoch, offset, device
         self._it = None
+        self._pass = None  # a stream's micro-batches per pass, once one pass was read from its start
 
     def __iter__(self):
         return self
@@ -58,16 +59,27 @@ class BatchStream:
     def __next__(self):
         while True:
             if self._it is None:
+                self._from_start = self.offset == 0
                 self._it = self._start_epoch()
             try:
                 batch = next(self._it)
             except StopIteration:
                 if self.seekable and self.offset == 0:
                     raise ValueError(f"the data stream {self.loader.dataset.source} yields no batch") from None
+                if self.seekable and self._pass is None and self._from_start:
+                    self._pass = self.offset
                 self._it, self.epoch, self.offset = None, self.epoch + 1, 0
                 continue
             self.offset += 1
             return batch if self.device is None else send_to_device(batch, self.device)
+
+    @property
+    def patience(self) -> float:
+        """Micro-batches in a row whose samples were all skipped before the data counts as unusable: one epoch
+        (a stream: one pass, once its length is known)."""
+        if not self.seekable:
+            return len(self.loader)
+        return float("inf") if self._pass is None else self._pass
 
     @property
     def position(self) -> tuple[int, int]:

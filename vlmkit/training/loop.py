@@ -78,7 +78,7 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     bar = progress_bar(accelerator, job)
     last = {}
     for step in range(job.start + 1, job.total + 1):
-        window = draw_window(job.stream, job.accum, job.skipped, stage.name, len(job.loader))
+        window = draw_window(job.stream, job.accum, job.skipped, stage.name, job.stream.patience)
         counts = window_counts(accelerator, window, job.flop_counter)  # every process's together
         ids = [i for b in window for i in b["ids"]]
         step_loss, grad_norm = train_step(accelerator, job, window, int(counts["labels"]), ids, step)
