@@ -296,3 +296,33 @@ def test_modality_lengths_are_estimated_from_the_text_without_decoding(data, pro
     words = [len(" ".join(t + " " + a for t, _, a in s[3]).split()) + (len(s[1].split()) if s[1] else 0)
              + sum(k for _, k, _ in s[3]) for s in SAMPLES]  # each <image> is a word of LLaVA's text too
     assert ds.modality_lengths() == [(w + 128 * len(s[2]), len(s[2])) for w, s in zip(words, SAMPLES)]
+
+
+def test_the_7b_recipes_group_stage_2_by_modality_and_length():
+    from vlmkit.config import load_config
+
+    root = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+    for name in ("llava15_7b.yaml", "llava_next_7b.yaml"):
+        stages = {s.name: s.data for s in load_config(root / name).stages}
+        assert stages["finetune"].group_by_modality_length and not stages["pretrain"].group_by_modality_length
+
+
+def test_check_data_command_takes_format_and_column_flags(data, vlm, tmp_path, capsys):
+    from vlmkit.cli import main
+
+    vlm.save_pretrained(tmp_path / "model")
+    recs = [{"uid": s[0], "d": plain_messages(*s)["messages"], "p": list(s[2])} for s in SAMPLES]
+    datasets.Dataset.from_list(recs).to_parquet(str(tmp_path / "m.parquet"))
+    base = ["check-data", str(tmp_path / "m.parquet"), "--model", str(tmp_path / "model"), "--image-folder",
+            str(data), "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert main(base + ["--column", "messages=d", "--column", "images=p", "--column", "id=uid",
+                        "--format", "messages"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())["datasets"][0]
+    assert report["samples"] == 5 and report["bad_samples"] == 0 and report["images"] == 5
+    assert main(base) == 1  # without the mapping: no known layout, every sample named
+    report = json.loads((tmp_path / "r.json").read_text())["datasets"][0]
+    assert report["errors"]["invalid_sample"]["count"] == 5
+    assert "no 'conversations' field (LLaVA layout) or 'messages' field" in report["errors"]["invalid_sample"]["first"][0]["message"]
+    capsys.readouterr()
+    assert main(base + ["--column", "pics"]) == 2
+    assert "--column 'pics': expected FIELD=COLUMN" in capsys.readouterr().err

@@ -366,11 +366,27 @@ def format_summary(report: dict, examples: int = 3) -> str:
     return "\n".join(lines)
 
 
+def parse_columns(items: list[str] | None) -> dict | None:
+    """`--column FIELD=COLUMN` flags -> data.columns (None when none given); a malformed one is a ValueError."""
+    from .config import DATA_FIELDS
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        field_name, sep, col = item.partition("=")
+        if not sep or field_name not in DATA_FIELDS or not col:
+            raise ValueError(f"--column {item!r}: expected FIELD=COLUMN with FIELD one of {', '.join(DATA_FIELDS)}")
+        out[field_name] = col
+    return out
+
+
 def run_cli(args) -> int:
     """`vlmkit check-data`: exit status 0 when no errors, 1 when any (2: bad arguments, from argparse)."""
     over = dict(image_folder=args.image_folder, template=args.template, max_length=args.max_length,
                 max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
-                allow_absolute_image_paths=args.allow_absolute_image_paths)
+                allow_absolute_image_paths=args.allow_absolute_image_paths, format=getattr(args, "format", None),
+                columns=parse_columns(getattr(args, "column", None)))
     if not args.config and not args.data:
         print("vlmkit check-data: give data files to check against --model", file=sys.stderr)
         return 2
