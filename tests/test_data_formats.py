@@ -324,5 +324,5 @@ def test_check_data_command_takes_format_and_column_flags(data, vlm, tmp_path, c
     assert report["errors"]["invalid_sample"]["count"] == 5
     assert "no 'conversations' field (LLaVA layout) or 'messages' field" in report["errors"]["invalid_sample"]["first"][0]["message"]
     capsys.readouterr()
-    assert main(base + ["--column", "pics"]) == 2
+    assert main(base + ["--column", "pics"]) == 1
     assert "--column 'pics': expected FIELD=COLUMN" in capsys.readouterr().err
