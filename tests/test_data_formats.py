@@ -288,6 +288,8 @@ def test_modality_length_batches_are_single_modality_sorted_and_cover_each_sampl
     assert list(again) == per_rank[0]  # deterministic under (seed, epoch)
     again.set_epoch(2)
     assert list(again) != per_rank[0]
+    big = ModalityLengthBatchSampler(lengths, batch, world, 0, seed=2**64 - 1)  # torch.initial_seed() unseeded
+    assert len(big) == len(again) and {i for b in big for i in b} <= set(range(n))
 
 
 def test_modality_lengths_are_estimated_from_the_text_without_decoding(data, processor, tmp_path):

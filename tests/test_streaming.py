@@ -116,6 +116,7 @@ def test_each_process_and_worker_reads_its_own_share_of_the_stream(stream_data, 
                                                     for p in r.get("image", [])]) for r in recs])
     ds = ds.cast_column("image", datasets.List(datasets.Image()))
     ds.to_parquet(str(tmp_path / "s.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
     ref = ConversationDataset(str(d / "d.jsonl"), processor)
     pad = processor.tokenizer.pad_token_id
 
@@ -124,7 +125,7 @@ def test_each_process_and_worker_reads_its_own_share_of_the_stream(stream_data, 
         loader.dataset.seek(0, offset)
         return list(loader)[:n]
 
-    for path in (str(d / "d.jsonl"), str(tmp_path / "s.parquet")):
+    for path in (str(d / "d.jsonl"), str(tmp_path / "s.parquet"), str(tmp_path / "saved")):
         data = DataConfig(path=path, image_folder=str(d), max_length=128, num_workers=0, streaming=True)
         shares = [batches(data, rank, 2) for rank in (0, 1)]
         # round k: rank r takes stream samples [4k + 2r, 4k + 2r + 2); the last round (2 samples) is rank 0's only

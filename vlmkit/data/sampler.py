@@ -44,7 +44,7 @@ class ModalityLengthBatchSampler(Sampler):
 
     def megabatches(self) -> list[list[list[int]]]:
         """This epoch's megabatches, each a list of `world` micro-batches (every process's share)."""
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**63)
         size = self.batch_size * self.world
         out = []
         for want in (True, False):
