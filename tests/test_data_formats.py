@@ -3,7 +3,6 @@ hub ids) and every layout (LLaVA, TRL typed messages, LLaMA-Factory / ms-swift m
 exactly the ids, labels and pixels of the equivalent LLaVA JSON; bad data is named; check-data reads them all."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,6 @@ from vlmkit.check_data import Target, check_dataset
 from vlmkit.config import ConfigError, DataConfig, StageConfig
 from vlmkit.data.conversation import SampleError
 from vlmkit.data.dataset import ConversationDataset, DatasetError
-from vlmkit.data.images import ImageError
 from vlmkit.data.sampler import ModalityLengthBatchSampler
 from vlmkit.training.batches import make_dataset
 

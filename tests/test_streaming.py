@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
-from functools import partial
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from conftest import model_config
-from test_data_formats import SAMPLES, llava, typed_dataset
-from vlmkit.config import ConfigError, DataConfig, RunConfig, StageConfig, TrainConfig
+from test_data_formats import SAMPLES, typed_dataset
+from vlmkit.config import DataConfig, RunConfig, StageConfig, TrainConfig
 from vlmkit.data.dataset import ConversationDataset
 from vlmkit.data.processor import collate
 from vlmkit.data.sampler import ModalityLengthBatchSampler
