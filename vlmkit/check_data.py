@@ -88,6 +88,10 @@ class Target:
     max_image_pixels: int | None = MAX_IMAGE_PIXELS
     max_aspect_ratio: float | None = MAX_ASPECT_RATIO
     allow_absolute_image_paths: bool = False
+    format: str = "auto"
+    """data.format: the sample layout (auto: from each sample's fields)."""
+    columns: dict = field(default_factory=dict)
+    """data.columns: vlmkit field -> the dataset's column name."""
 
 
 @dataclass
@@ -141,11 +145,15 @@ def image_notes(ds: ConversationDataset, item, k: int, n_images: int = 1) -> lis
 
 def check_sample(ds: ConversationDataset, i: int) -> dict:
     """Errors and notes of sample i. `ds` must be in skip mode: its __getitem__ returns the error."""
-    rec = ds.records[i]
-    is_dict = isinstance(rec, dict)
     errors: list[tuple[str, str]] = []
     notes: list[tuple[str, str]] = []
     sid = ds.sample_id(i)
+    own_id = isinstance(ds.records[i], dict) and ds.records[i].get(ds.columns.get("id", "id")) is not None
+    try:
+        rec = ds.record(i)  # any layout, in the internal form (a record of no known layout: reported below)
+    except SampleError:
+        rec = None
+    is_dict = isinstance(rec, dict)
     try:
         notes += record_notes(check_record(rec))
         refs = ds.image_refs(rec)
@@ -171,7 +179,7 @@ def check_sample(ds: ConversationDataset, i: int) -> dict:
         tokens = len(out["input_ids"])
         if ds.max_length and tokens >= ds.max_length:
             notes.append(("at_max_length", f"{tokens} tokens: filled max_length {ds.max_length}"))
-    return {"index": i, "id": sid, "own_id": is_dict and rec.get("id") is not None, "errors": errors,
+    return {"index": i, "id": sid, "own_id": own_id, "errors": errors,
             "notes": notes, "tokens": tokens, "images": len(refs)}
 
 
@@ -227,7 +235,8 @@ def check_dataset(target: Target, workers: int = 0, examples: int = 5, progress:
         ds = ConversationDataset(target.path, target.processor, target.image_folder, target.template,
                                  target.max_length, on_bad_sample="skip", max_image_pixels=target.max_image_pixels,
                                  max_aspect_ratio=target.max_aspect_ratio,
-                                 allow_absolute_image_paths=target.allow_absolute_image_paths)
+                                 allow_absolute_image_paths=target.allow_absolute_image_paths,
+                                 format=target.format, columns=target.columns)
     except Exception as e:
         kind = getattr(e, "kind", "unreadable_dataset")
         message = str(e) if kind == "empty_dataset" or type(e).__name__ == "DatasetError" else f"{type(e).__name__}: {e}"
@@ -294,7 +303,8 @@ def targets_from_config(config_path: str, data: list[str] | None = None, **overr
                    **{"image_folder": s.data.image_folder, "template": s.data.template,
                       "max_length": s.data.max_length, "max_image_pixels": s.data.max_image_pixels,
                       "max_aspect_ratio": s.data.max_aspect_ratio,
-                      "allow_absolute_image_paths": s.data.allow_absolute_image_paths, **over})
+                      "allow_absolute_image_paths": s.data.allow_absolute_image_paths,
+                      "format": s.data.format, "columns": s.data.columns, **over})
             for s in cfg.stages]
 
 
@@ -356,11 +366,27 @@ def format_summary(report: dict, examples: int = 3) -> str:
     return "\n".join(lines)
 
 
+def parse_columns(items: list[str] | None) -> dict | None:
+    """`--column FIELD=COLUMN` flags -> data.columns (None when none given); a malformed one is a ValueError."""
+    from .config import DATA_FIELDS
+
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        field_name, sep, col = item.partition("=")
+        if not sep or field_name not in DATA_FIELDS or not col:
+            raise ValueError(f"--column {item!r}: expected FIELD=COLUMN with FIELD one of {', '.join(DATA_FIELDS)}")
+        out[field_name] = col
+    return out
+
+
 def run_cli(args) -> int:
     """`vlmkit check-data`: exit status 0 when no errors, 1 when any (2: bad arguments, from argparse)."""
     over = dict(image_folder=args.image_folder, template=args.template, max_length=args.max_length,
                 max_image_pixels=args.max_image_pixels, max_aspect_ratio=args.max_aspect_ratio,
-                allow_absolute_image_paths=args.allow_absolute_image_paths)
+                allow_absolute_image_paths=args.allow_absolute_image_paths, format=getattr(args, "format", None),
+                columns=parse_columns(getattr(args, "column", None)))
     if not args.config and not args.data:
         print("vlmkit check-data: give data files to check against --model", file=sys.stderr)
         return 2

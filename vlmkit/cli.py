@@ -230,12 +230,18 @@ def _add_import(sub, common, trust) -> None:
 def _add_check_data(sub, common, trust) -> None:
     k = sub.add_parser("check-data", help="scan datasets for bad samples before training (exit 1 if any)",
                        parents=[common])
-    k.add_argument("data", nargs="*", help="LLaVA-format JSON/JSONL files or HF datasets "
+    k.add_argument("data", nargs="*", help="data paths as data.path takes them (JSON/JSONL/parquet/arrow files, "
+                                           "folders, saved or hub datasets) "
                                            "(with --config and none given: every stage's data)")
     src = k.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a saved model folder (tokenizer + config.json; no weights are loaded)")
     src.add_argument("--config", help="a run config: each stage's data with its template and max_length")
     k.add_argument("--image-folder", help="images are relative to this folder (default: the data file's)")
+    k.add_argument("--format", choices=("auto", "llava", "messages"),
+                   help="sample layout (default: the stage's data.format, else auto: from each sample's fields)")
+    k.add_argument("--column", action="append", metavar="FIELD=COLUMN",
+                   help="map a vlmkit field (id, conversations, messages, image, images) to the data's column name; "
+                        "repeatable (default: the stage's data.columns)")
     k.add_argument("--template", help="chat template (default: the stage's, else the model's)")
     k.add_argument("--max-length", type=int, help="default: the stage's, else 2048")
     k.add_argument("--max-image-pixels", type=int, help="refuse images whose header declares more pixels "

@@ -423,10 +423,32 @@ class ModelConfig:
             self.tiling = from_dict(TilingConfig, self.tiling, "model.tiling")
 
 
+DATA_FORMATS = ("auto", "llava", "messages")
+"""data.format's values (vlmkit.data.formats reads the layouts)."""
+DATA_FIELDS = ("id", "conversations", "messages", "image", "images")
+"""The vlmkit field names data.columns may map."""
+
+
 @dataclass
 class DataConfig:
     path: str = ""
-    """LLaVA-format JSON file, a folder of them, or an HF dataset (`hf:name[:split]` or a saved dataset dir)."""
+    """A .json (list) / .jsonl / .parquet / .arrow file; a folder of such files (one kind; shards read in sorted
+    order); a `save_to_disk` folder (Dataset, or a DatasetDict's `train` split); or a hub dataset id
+    (`hf:org/name[:split]`, or a bare `org/name[:split]` that is not a local path; split default train)."""
+    format: str = "auto"
+    """Sample layout: llava (`conversations` of from/value + `image`), messages (`messages` of role/content, the
+    content a string with `<image>` (LLaMA-Factory, ms-swift) or a typed list (TRL, hub VLM datasets), + `images`),
+    or auto (from each sample's fields). See README "Data formats"."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """vlmkit field -> the dataset's column name, for data whose columns are named otherwise (keys: id,
+    conversations, messages, image, images), e.g. {messages: dialogue, images: pictures}."""
+    streaming: bool = False
+    """Read the data as a stream instead of listing it (datasets too large to list or download first): in stream
+    order, each process its own share, resumed at the exact stream position. The stage needs `max_steps`."""
+    group_by_modality_length: bool = False
+    """LLaVA-1.5's batching: samples with images and text-only samples in separate batches, each megabatch (world
+    size x per-device batch) sorted by estimated length (words + 128 per image), megabatches shuffled (per epoch,
+    from the seed). Not with `streaming`."""
     image_folder: str = ""
     """Images are resolved relative to this folder (default: the JSON's folder)."""
     template: str | None = None
@@ -507,6 +529,24 @@ class DataConfig:
                 raise ConfigError(f"data.{key} must be a number >= 0 or null, got {v!r}")
         if not isinstance(self.pack_max_tokens, int) or self.pack_max_tokens < 0:
             raise ConfigError(f"data.pack_max_tokens must be an integer >= 0, got {self.pack_max_tokens!r}")
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        FIELDS = DATA_FIELDS
+        if self.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
+        if not isinstance(self.columns, dict) or not all(isinstance(v, str) for v in self.columns.values()):
+            raise ConfigError(f"data.columns must map vlmkit field names to column names, got {self.columns!r}")
+        unknown = [k for k in self.columns if k not in FIELDS]
+        if unknown:
+            raise ConfigError(f"data.columns: unknown field(s) {', '.join(map(repr, unknown))} (known: "
+                              f"{', '.join(FIELDS)})")
+        for key in ("streaming", "group_by_modality_length"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"data.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.streaming and self.group_by_modality_length:
+            raise ConfigError("data.group_by_modality_length needs the whole dataset's lengths: not with "
+                              "data.streaming (a stream is read in its own order)")
 
 
 @dataclass
@@ -610,6 +650,8 @@ class StageConfig:
         self.train = plans
         if not any(p.trains for p in plans.values()):
             raise ConfigError(f"stage {self.name!r} trains nothing")
+        if isinstance(self.data, DataConfig) and self.data.streaming and not self.max_steps:  # data (issue 18)
+            raise ConfigError(f"stage {self.name!r}: data.streaming has no length to count epochs in: set max_steps")
         if self.global_batch_size < 1 or self.per_device_batch_size < 1:
             raise ConfigError(f"stage {self.name!r}: batch sizes must be >= 1")
 

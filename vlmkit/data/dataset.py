@@ -1,92 +1,22 @@
-"""Datasets of LLaVA-format samples: a JSON / JSONL file or an HF dataset with the same fields.
+"""Datasets of conversation samples: records from `sources` (files, folders, saved or hub datasets) in any
+layout of `formats`, made model inputs by a Processor.
 
-A sample: {"id", "image": path | [paths] | PIL image (HF Image feature), "conversations": [...]}.
+A sample (internal form): {"id", "image" | "images": path | [paths] | PIL image | {"bytes"}, "conversations": [...]}.
 Errors name the source, the sample index and id, and what is wrong.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from .conversation import SampleError
+from .formats import estimated_length, to_sample
 from .images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageError, load_image, prepare_image
 from .samples import check_record
+from .sources import DatasetError, default_image_folder, load_records
 
-
-class DatasetError(ValueError):
-    """A dataset file that cannot be used as a whole; the message names the file (and the line).
-    `kind`: unreadable_dataset | empty_dataset (check-data's names)."""
-
-    def __init__(self, message: str, kind: str = "unreadable_dataset"):
-        super().__init__(message)
-        self.kind = kind
-
-    def __reduce__(self):
-        return type(self), (str(self), self.kind)
-
-
-def _text(path: str, raw: bytes) -> str:
-    """UTF-8 text (a leading byte-order mark allowed), or an error naming the file, line and byte."""
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DatasetError(f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line}, column {col} "
-                           f"(save the file as UTF-8)") from None
-
-
-def _json_error(path: str, e: json.JSONDecodeError, line: int | None = None) -> DatasetError:
-    where = f"line {line}, column {e.colno}" if line is not None else f"line {e.lineno}, column {e.colno}"
-    hint = ""
-    if line is None and e.msg == "Extra data" and e.lineno > 1:
-        hint = " (one JSON object per line? name the file .jsonl)"
-    return DatasetError(f"{path}: invalid JSON at {where}: {e.msg}{hint}")
-
-
-def load_records(path: str):
-    """A list of samples from a .json / .jsonl file, or an HF dataset (`hf:name[:split]` or a saved dir).
-    Errors name the file and, for text that does not parse, the line (JSONL: the file's own line number)."""
-    if path.startswith("hf:"):
-        import datasets
-
-        name, _, split = path[3:].partition(":")
-        return datasets.load_dataset(name, split=split or "train")
-    p = Path(path)
-    if p.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except FileNotFoundError as e:
-            raise DatasetError(f"{path}: a folder, but not a saved HF dataset ({e})") from None
-        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-    if not p.exists():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read the file: {e.strerror or e}") from None
-    text = _text(path, raw)
-    if p.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise _json_error(path, e, line=n) from None
-        return out
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _json_error(path, e) from None
-    if not isinstance(data, list):
-        raise DatasetError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
-    return data
+__all__ = ["ConversationDataset", "DatasetError", "confined_path", "load_records"]
 
 
 def confined_path(folder: str, rel: str, allow_outside: bool = False) -> str:
@@ -121,13 +51,14 @@ class ConversationDataset(Dataset):
     def __init__(self, path: str, processor, image_folder: str = "", template: str | None = None,
                  max_length: int = 2048, on_bad_sample: str = "error",
                  max_image_pixels: int | None = MAX_IMAGE_PIXELS, max_aspect_ratio: float | None = MAX_ASPECT_RATIO,
-                 allow_absolute_image_paths: bool = False):
+                 allow_absolute_image_paths: bool = False, format: str = "auto",
+                 columns: dict[str, str] | None = None, records=None):
         self.source = path
-        self.records = load_records(path)
-        if len(self.records) == 0:
+        self.format, self.columns = format, dict(columns or {})
+        self.records = load_records(path) if records is None else records
+        if records is None and len(self.records) == 0:
             raise DatasetError(f"{path}: the dataset holds no samples", "empty_dataset")
-        folder = image_folder or (os.path.dirname(path) if not path.startswith("hf:") else "")
-        self.image_folder = folder
+        self.image_folder = image_folder or default_image_folder(path)
         self.processor, self.template, self.max_length = processor, template, max_length
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = max_image_pixels
@@ -171,15 +102,27 @@ class ConversationDataset(Dataset):
                 out.append(prepare_image(it, limits[0], name, *limits[1:]))
         return out
 
+    def record(self, i: int):
+        """Sample i in the internal form (`formats.to_sample`); a record of no known layout raises SampleError."""
+        return to_sample(self.records[i], self.format, self.columns)
+
     def sample_id(self, i: int):
-        rec = self.records[i]
-        sid = rec.get("id", i) if isinstance(rec, dict) else i
+        return self._sid(self.records[i], i)
+
+    def _sid(self, rec, i: int):
+        if not isinstance(rec, dict):
+            return i
+        sid = rec.get(self.columns.get("id", "id"), i)
         return sid if sid is None or isinstance(sid, (str, int)) else repr(sid)
 
     def __getitem__(self, i: int) -> dict:
-        rec = self.records[i]
-        sid = self.sample_id(i)
+        return self.process(self.records[i], i)
+
+    def process(self, raw, i: int) -> dict:
+        """One record (any layout, as stored) -> model inputs, or {"skipped": ...} under on_bad_sample: skip."""
+        sid = self._sid(raw, i)
         try:
+            rec = to_sample(raw, self.format, self.columns)
             check_record(rec)
             out = self.processor(rec["conversations"], self.images(rec), self.template, self.max_length)
         except (SampleError, OSError, ValueError) as e:
@@ -193,4 +136,20 @@ class ConversationDataset(Dataset):
                 return {"skipped": {"index": i, "id": sid, "reason": reason, "kind": "unexpected_error"}}
             raise SampleError(f"{self.source}: sample {i} (id={sid}): {reason}", "unexpected_error") from e
         out["id"] = sid
+        return out
+
+    def modality_lengths(self) -> list[tuple[int, int]]:
+        """(estimated length, number of images) of every sample (`formats.estimated_length`: words + 128 per
+        image), read without decoding an image: an HF dataset's image columns are read as stored."""
+        from .sources import undecoded
+
+        records = self.records
+        if hasattr(records, "features"):
+            records = undecoded(records)
+        out = []
+        for i in range(len(records)):
+            try:
+                out.append(estimated_length(to_sample(records[i], self.format, self.columns)))
+            except SampleError:  # a bad sample: training reports it; here it counts as text only
+                out.append((0, 0))
         return out

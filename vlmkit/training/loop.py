@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import StageConfig
 from . import preempt
-from .batches import BatchStream, draw_window, make_loader, window_counts
+from .batches import BatchStream, batching_shape, dataset_size, draw_window, make_loader, window_counts
 from .checkpoint import (ENGINE_DIR, FORMAT, load_optimizer_state, load_rng_state, merge_skipped, rng_state,
                          save_checkpoint, set_rng_state)
 from .engine import configure_engine, engine, match_zero3_dtype, refresh_fsdp_precision, shards_weights
@@ -78,7 +78,7 @@ def train_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, lo
     bar = progress_bar(accelerator, job)
     last = {}
     for step in range(job.start + 1, job.total + 1):
-        window = draw_window(job.stream, job.accum, job.skipped, stage.name, len(job.loader))
+        window = draw_window(job.stream, job.accum, job.skipped, stage.name, job.stream.patience)
         counts = window_counts(accelerator, window, job.flop_counter)  # every process's together
         ids = [i for b in window for i in b["ids"]]
         step_loss, grad_norm = train_step(accelerator, job, window, int(counts["labels"]), ids, step)
@@ -119,12 +119,13 @@ def prepare_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, 
     micro, accum = stage.micro_batching(world)
     accelerator.print(f"global batch {stage.global_batch_size} = {micro} per device x {world} process(es) "
                       f"x {accum} accumulation step(s)")
-    loader = make_loader(dataset, stage.data, micro, raw.tokenizer.pad_token_id)
-    total = stage.total_steps(len(dataset), world)
+    loader = make_loader(dataset, stage.data, micro, raw.tokenizer.pad_token_id, accelerator.process_index, world)
+    samples = dataset_size(dataset)  # None: a stream (its length is max_steps)
+    total = stage.max_steps if samples is None else stage.total_steps(samples, world)
     opt = make_optimizer(accelerator, raw, stage, precision)
     sched = make_scheduler(opt, stage, total)
     shape = {"stage": stage.name, "total": total, "world_size": world, "micro_batch": micro, "accum": accum,
-             "samples": len(dataset)}
+             "samples": samples, **batching_shape(stage.data)}
     state = resume["state"] if resume else None
     if state is not None:
         check_same_shape(resume, shape)
@@ -133,7 +134,10 @@ def prepare_stage(accelerator: Accelerator, model, stage: StageConfig, dataset, 
         sched.load_state_dict(state["scheduler"])
     configure_engine(accelerator, micro, accum, stage.max_grad_norm, raw.llm.config.hidden_size)
     match_zero3_dtype(accelerator, raw)
-    model, opt, loader = accelerator.prepare(model, opt, loader)
+    if getattr(loader, "shards_itself", False):  # each process's own batches already (streaming, grouped)
+        model, opt = accelerator.prepare(model, opt)
+    else:
+        model, opt, loader = accelerator.prepare(model, opt, loader)
     if state is not None and engine(accelerator) in ("deepspeed", "fsdp"):
         accelerator.load_state(str(Path(resume["dir"]) / ENGINE_DIR))  # sharded optimizer (+ weights)
     accelerator.step = 0
@@ -161,7 +165,8 @@ def start_position(accelerator: Accelerator, job: StageRun, resume: dict | None)
     """Where the stage's steps start: the data position, counts and RNG states of `resume`, or the beginning."""
     state = resume["state"] if resume else None
     rank = accelerator.process_index
-    job.stream = BatchStream(job.loader, *(state["positions"][rank] if state else (0, 0)))
+    job.stream = BatchStream(job.loader, *(state["positions"][rank] if state else (0, 0)),
+                             device=accelerator.device if getattr(job.loader, "shards_itself", False) else None)
     job.start = state["step"] if state else 0
     job.skipped = list(state["skipped"]) if state else []
     job.seen, job.tokens = (state["seen"], state["tokens"]) if state else (0, 0)

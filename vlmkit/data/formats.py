@@ -1,0 +1,134 @@
+"""Sample layouts: every supported record shape -> the one internal sample form the processor takes.
+
+The internal form is LLaVA's: {"id", "conversations": [turns], "image" | "images": [...]}, turns as
+`{"from", "value"}` or `{"role", "content"}` with `<image>` placeholders in the text (what `check_record`
+checks and `Processor.__call__` tokenizes). Layouts read:
+
+    llava      {"id", "image": path | [paths], "conversations": [{"from": "human", "value": "<image>\\n..."}, ...]}
+               (LLaMA-Factory's sharegpt layout is the same with `images`)
+    messages   {"messages": [{"role", "content"}], "images": [...]}: the content either a string with `<image>`
+               placeholders (LLaMA-Factory / ms-swift) or a typed list (TRL and the hub's VLM datasets)
+               `[{"type": "image"}, {"type": "text", "text": "..."}]`, whose parts are joined by a newline, an
+               image part written as `<image>` (so `[image, text Q]` is LLaVA's `"<image>\\nQ"`); images as paths,
+               {"bytes"/"path"} dicts or PIL images, in `images` or inside the image parts (`{"type": "image",
+               "image": ...}`)
+
+`data.format` declares the layout (auto: from the fields of each sample); `data.columns` maps vlmkit's field
+names (id, conversations, messages, image, images) to a dataset's own column names. A sample of the wrong shape
+is a SampleError (kind invalid_sample) naming what is wrong, as for LLaVA samples.
+"""
+from __future__ import annotations
+
+import math
+
+from ..config import DATA_FIELDS as FIELDS
+from ..config import DATA_FORMATS as FORMATS
+from .conversation import SampleError
+
+__all__ = ["FIELDS", "FORMATS", "estimated_length", "rename_columns", "to_sample"]
+
+
+def rename_columns(rec: dict, columns: dict[str, str] | None) -> dict:
+    """`rec` with each dataset column named in `columns` (vlmkit name -> column) under vlmkit's name."""
+    if not columns or not isinstance(rec, dict):
+        return rec
+    out = dict(rec)
+    for field, col in columns.items():
+        if field == col:
+            continue
+        if col not in out:
+            raise SampleError(f"no {col!r} field (data.columns maps {field} to it; the sample has: "
+                              f"{', '.join(map(str, rec)) or 'no fields'})")
+        out[field] = out.pop(col)
+    return out
+
+
+def layout_of(rec: dict, declared: str = "auto") -> str:
+    """llava | messages: the declared layout, or the one the sample's fields show."""
+    if declared == "llava" or declared == "auto" and "conversations" in rec:
+        if "conversations" not in rec:
+            raise SampleError("no 'conversations' field (data.format: llava)")
+        return "llava"
+    if "messages" in rec:
+        return "messages"
+    if declared == "messages":
+        raise SampleError("no 'messages' field (data.format: messages)")
+    raise SampleError(f"no 'conversations' field (LLaVA layout) or 'messages' field (TRL / LLaMA-Factory layout); "
+                      f"the sample has: {', '.join(map(str, rec)) or 'no fields'} (map other names with data.columns)")
+
+
+def to_sample(rec, declared: str = "auto", columns: dict[str, str] | None = None):
+    """The internal sample form of one record of any layout (a LLaVA record is returned as it is)."""
+    if not isinstance(rec, dict):
+        return rec  # check_record names the problem
+    rec = rename_columns(rec, columns)
+    if layout_of(rec, declared) == "llava":
+        return rec
+    return from_messages(rec)
+
+
+def from_messages(rec: dict) -> dict:
+    """A `messages` + `images` record -> {"id", "conversations", "images"} with `<image>` in the text."""
+    messages = rec["messages"]
+    if not isinstance(messages, list):
+        raise SampleError(f"'messages' must be a list of turns, got {type(messages).__name__}")
+    turns, inline = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            turns.append(m)  # check_record names it
+            continue
+        content = m.get("content")
+        if isinstance(content, list):
+            content = typed_text(content, i, inline)
+        turns.append({"role": m.get("role"), "content": content})
+    images = rec.get("images", rec.get("image"))
+    if _empty(images):
+        images = inline
+    elif inline:
+        raise SampleError("images both in the 'images' field and inside the messages' image parts: give them once")
+    out = {"conversations": turns, "images": images}
+    if rec.get("id") is not None:
+        out["id"] = rec["id"]
+    return out
+
+
+def typed_text(content: list, turn: int, inline: list) -> str:
+    """A typed content list -> text: parts joined by a newline, each image part as `<image>` (its own image, when
+    it carries one, appended to `inline`)."""
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise SampleError(f"turn {turn}: content part {j} (text): the text must be a string, got "
+                                  f"{type(text).__name__}")
+            parts.append(text)
+        elif kind == "image":
+            parts.append("<image>")
+            if part.get("image") is not None:
+                inline.append(part["image"])
+        else:
+            raise SampleError(f"turn {turn}: content part {j}: expected {{\"type\": \"text\" | \"image\", ...}}, "
+                              f"got {part!r:.80}")
+    return "\n".join(parts)
+
+
+def _empty(images) -> bool:
+    return images is None or isinstance(images, list) and not images
+
+
+def estimated_length(sample) -> tuple[int, int]:
+    """(words of the text + 128 per image, number of images) of an internal-form sample: LLaVA's cheap length
+    estimate for grouping by modality and length (no tokenizer, no image opened)."""
+    if not isinstance(sample, dict):
+        return 0, 0
+    words = 0
+    for turn in sample.get("conversations") or []:
+        text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if isinstance(text, str):
+            words += len(text.split())
+    images = sample.get("images", sample.get("image"))
+    n = 0 if images is None or isinstance(images, float) and math.isnan(images) else (
+        len(images) if isinstance(images, list) else 1)
+    return words + 128 * n, n
