@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ..config import DataConfig, StageConfig
 from ..data.conversation import IGNORE
-from ..data.dataset import ConversationDataset
+from ..data.dataset import ConversationDataset, VideoOptions
 from ..data.processor import collate
 from ..data.sampler import ModalityLengthBatchSampler
 from ..data.streaming import StreamingConversations
@@ -96,7 +96,7 @@ def make_dataset(data: DataConfig, processor):
         kw["records"] = []  # read as a stream by StreamingConversations
     ds = ConversationDataset(data.path, processor, data.image_folder, data.template, data.max_length,
                              data.on_bad_sample, data.max_image_pixels, data.max_aspect_ratio,
-                             data.allow_absolute_image_paths, **kw)
+                             data.allow_absolute_image_paths, video=VideoOptions.of(data), **kw)
     return StreamingConversations(ds, None) if data.streaming else ds
 
 
