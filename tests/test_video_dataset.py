@@ -192,3 +192,34 @@ def test_streaming_reads_video_samples(tok_dir, mixed):
     batches = list(ds)
     assert [b["ids"] for b in batches] == [["v", "f"], ["i", "t"]]
     assert batches[0]["frames_per_video"].tolist() == [2, 2] and batches[1]["videos_per_sample"].tolist() == [0, 0]
+
+
+def test_check_data_reports_each_bad_video_with_its_kind(tok_dir, mixed):
+    from vlmkit.check_data import ERRORS, Target, check_dataset
+
+    (mixed / "junk.mp4").write_bytes(b"not a video at all" * 50)
+    (mixed / "empty").mkdir()
+    q = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    data = [{"id": "ok", "video": "clip.mp4", "conversations": q},
+            {"id": "gone", "video": "nope.mp4", "conversations": q},
+            {"id": "junk", "video": "junk.mp4", "conversations": q},
+            {"id": "empty", "video": "empty", "conversations": q},
+            {"id": "both", "video": "nope.mp4", "conversations": [{"from": "human", "value": "What?"},
+                                                                  {"from": "gpt", "value": "<video>"}]},
+            {"id": "two", "video": "clip.mp4", "conversations": [{"from": "human", "value": "<video><video> Q"},
+                                                                 q[1]]}]
+    (mixed / "c.json").write_text(json.dumps(data))
+    proc = cached(tok_dir).processor()
+    r = check_dataset(Target(str(mixed / "c.json"), proc, video=VideoOptions(max_frames=4)), progress=False)
+    got = {k: [e["id"] for e in v["first"]] for k, v in r["errors"].items()}
+    assert got == {"video_missing": ["gone", "both"], "video_corrupt": ["junk"], "video_no_frames": ["empty"],
+                   "video_in_assistant_turn": ["both"], "video_count_mismatch": ["two"]}
+    assert r["bad_samples"] == 5 and all(k in ERRORS for k in got)
+    assert "nope.mp4" in r["errors"]["video_missing"]["first"][0]["message"]
+    # the model's budget: 4 * n + 1 tokens; 4 tokens cannot hold one frame
+    small = check_dataset(Target(str(mixed / "c.json"), proc, video=VideoOptions(max_video_tokens=4)),
+                          progress=False)
+    assert [e["id"] for e in small["errors"]["video_too_long"]["first"]] == ["ok", "two"]
+    big = check_dataset(Target(str(mixed / "c.json"), proc, video=VideoOptions(max_frame_pixels=100)),
+                        progress=False)
+    assert [e["id"] for e in big["errors"]["video_too_large"]["first"]] == ["ok", "two"]
