@@ -142,12 +142,14 @@ COUNTS = ("labels", "tokens", "samples", "flops", "llm_flops")
 
 def window_counts(accelerator: Accelerator, window: list[dict], flop_counter: FlopCounter) -> dict:
     """An optimizer step's trained targets, real tokens, samples and model FLOPs over every process: read from
-    collate's plain-int counts (no device sync), then one all-reduce when there are several processes."""
+    collate's plain-int counts (no device sync), then one all-reduce when there are several processes. A video
+    frame is one encoder tile (`pixel_values_videos` rows), counted like an image tile; the zero-weighted blank
+    frame a batch without video runs (so every rank runs the video path) is not model work and is not counted."""
     vals = [0.0] * len(COUNTS)
     for b in window:
         lengths = b["lengths"] if "lengths" in b else b["attention_mask"].sum(1).tolist()
         labels = b["num_labels"] if "num_labels" in b else int((b["labels"][:, 1:] != IGNORE).sum())
-        tiles = 0 if b.get("pixel_values") is None else int(b["pixel_values"].shape[0])
+        tiles = sum(0 if b.get(k) is None else int(b[k].shape[0]) for k in ("pixel_values", "pixel_values_videos"))
         flops, llm_flops = flop_counter.step(lengths, tiles)
         for i, v in enumerate((labels, sum(lengths), len(b["ids"]), flops, llm_flops)):
             vals[i] += v
