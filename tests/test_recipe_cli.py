@@ -14,7 +14,7 @@ from vlmkit.config import load_config, read_yaml
 from vlmkit.shipped import RecipeError, copy_recipe, recipe_configs, recipes, recipes_dir, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["ablate_encoders", "internvl", "llava15", "llava_next", "lora_finetune"]
+RECIPES = ["ablate_encoders", "internvl", "llava15", "llava_next", "llava_video", "lora_finetune"]
 
 
 def test_recipes_are_listed_with_their_first_doc_line(capsys):
@@ -66,7 +66,7 @@ def test_run_a_recipe_in_process(capsys):
     assert "--config CONFIG" in capsys.readouterr().out
     assert main(["recipe", "nope"]) == 1
     assert capsys.readouterr().err == ("vlmkit recipe: error: no recipe 'nope'; the recipes are: ablate_encoders, "
-                                       "internvl, llava15, llava_next, lora_finetune (vlmkit recipe list)\n")
+                                       "internvl, llava15, llava_next, llava_video, lora_finetune (vlmkit recipe list)\n")
     assert main(["recipe", "llava15", "--config", "llava16"]) == 1  # the recipe's own one-line error
     assert "config 'llava16' is neither a file nor a shipped config" in capsys.readouterr().err
 
