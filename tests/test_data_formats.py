@@ -203,7 +203,7 @@ def test_bad_layouts_get_one_clear_error_per_sample(data, processor, tmp_path):
         dict(good, images=["0.png", "1.png"]),  # 1 placeholder, 2 images
         {"id": "nolayout", "text": "hi"},
         dict(good, images=["../outside.png"]),
-        {"id": "badpart", "messages": [{"role": "user", "content": [{"type": "video"}]}], "images": []},
+        {"id": "badpart", "messages": [{"role": "user", "content": [{"type": "audio"}]}], "images": []},
         {"id": "notlist", "messages": "hello"},
     ]
     (tmp_path / "bad.json").write_text(json.dumps(recs))
@@ -212,7 +212,7 @@ def test_bad_layouts_get_one_clear_error_per_sample(data, processor, tmp_path):
               ("invalid_sample", "no 'conversations' field (LLaVA layout) or 'messages' field (TRL / LLaMA-Factory "
                                  "layout); the sample has: id, text"),
               ("image_outside_folder", "'..' climbs out of it"),
-              ("invalid_sample", "turn 0: content part 0: expected {\"type\": \"text\" | \"image\", ...}"),
+              ("invalid_sample", "turn 0: content part 0: expected {\"type\": \"text\" | \"image\" | \"video\", ...}"),
               ("invalid_sample", "'messages' must be a list of turns, got str")]
     for i, (kind, text) in enumerate(expect):
         with pytest.raises(SampleError) as err:

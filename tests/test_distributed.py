@@ -153,8 +153,39 @@ def test_image_and_text_only_ranks_do_not_hang_and_stay_in_sync(vlm, tmp_path):
     assert any(abs(r0[k] - init[k].float().sum().item()) > 1e-6 for k in r0)  # and they moved
 
 
-def _worker(model_dir: str, img: str, txt: str, out: str, device: str = "cpu") -> None:
-    """One process of the 2-process run: rank 0 trains on `img`, rank 1 on `txt` (same length), 3 steps."""
+def test_video_and_no_video_ranks_do_not_hang_and_stay_in_sync(tok_dir, tmp_path):
+    """Rank 0's batches hold videos, rank 1's none: rank 1 runs the video path on a zero-weighted blank frame, so
+    DDP's gradient all-reduce meets the same parameters on both (no hang), and the weights stay equal."""
+    from test_video_model import video_config
+    from vlmkit.experiments import video_demo as D
+
+    data = tmp_path / "data"
+    _, txt = write_data(data)
+    vids = []
+    for i in range(16):
+        D.write_mp4(data / f"v{i}.mp4", [D.draw(16, [("red", "square", 2 + 4 * t, 6, 4)]) for t in range(2)])
+        vids.append({"id": f"v{i}", "video": f"v{i}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nWhere?"}, {"from": "gpt", "value": ["right", "left"][i % 2]}]})
+    (data / "vid.json").write_text(json.dumps(vids))
+    torch.manual_seed(0)
+    VLM.from_config(video_config(tok_dir, pool="average")).save_pretrained(tmp_path / "model")
+    env = launch_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                     PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = launch_two([str(tmp_path / "model"), str(data / "vid.json"), txt, str(tmp_path / "out"), DEVICE,
+                    "pixel_values_videos"], env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert res["world"] == 2 and res["batches_with_images"] == [3 * 2, 0]  # every rank-0 batch had video
+    init = VLM.from_pretrained(tmp_path / "model").state_dict()
+    r0, r1 = res["connector"]
+    if not res["sharded"]:
+        assert r0 == r1  # the same weights on both processes, bit for bit
+    assert any(abs(r0[k] - init[k].float().sum().item()) > 1e-6 for k in r0)
+
+
+def _worker(model_dir: str, img: str, txt: str, out: str, device: str = "cpu", key: str = "pixel_values") -> None:
+    """One process of the 2-process run: rank 0 trains on `img`, rank 1 on `txt` (same length), 3 steps; `key`:
+    the pixels whose presence is counted (`pixel_values`, or `pixel_values_videos` for video samples in `img`)."""
     from accelerate.utils import gather_object
 
     from vlmkit.train import full_state_dict, make_accelerator, shards_weights, train_stage
@@ -168,7 +199,7 @@ def _worker(model_dir: str, img: str, txt: str, out: str, device: str = "cpu") -
     real_forward = model.forward
 
     def spy(**kw):
-        seen.append(kw.get("pixel_values") is not None and kw["pixel_values"].shape[0] > 0)
+        seen.append(kw.get(key) is not None and kw[key].shape[0] > 0)
         return real_forward(**kw)
 
     model.forward = spy
@@ -328,7 +359,7 @@ def test_configure_engine_sets_deepspeed_batch_shape_per_stage():
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:6])
+    _worker(*sys.argv[1:7])
 
 
 def test_plain_init_builds_whole_models_while_zero3_is_registered(vlm, tmp_path):

@@ -7,6 +7,10 @@ counted here; nothing is checked twice in two ways, so a sample that passes here
 accepts, and training meets the same errors lazily (raised, or counted and skipped with
 `data.on_bad_sample: skip`).
 
+Videos are checked first with `video.check_video` (path, headers, limits, the model's token budget through its
+`count_video_tokens`, then the first sampled frame decoded): a bad video is reported with its kind and the text
+is checked with stand-in frames; a sample whose videos pass goes through the training path as above.
+
 Notes are not errors: images in modes other than RGB, with an EXIF rotation or several frames,
 and samples that fill max_length. The training path handles them (`load_image` converts,
 composites and rotates); they are listed so that a surprise in the data is seen before training.
@@ -27,9 +31,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .data.conversation import SampleError
-from .data.dataset import ConversationDataset
+from .data.dataset import ConversationDataset, VideoOptions
 from .data.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
 from .data.samples import check_record, record_notes
+from .data.video import VideoError, check_video, frames_for_budget
 
 ERRORS = {
     "missing_image": "image file not found",
@@ -46,11 +51,22 @@ ERRORS = {
     "invalid_sample": "malformed sample (field types, roles, no conversations)",
     "turn_order": "turns out of order (assistant first, two of one side in a row, a late system turn)",
     "empty_answer": "an assistant turn with no text",
+    "video_missing": "video file or frame folder not found",
+    "video_corrupt": "not a video (no video stream, unreadable container or frames)",
+    "video_no_frames": "a video or frame folder with no frames",
+    "video_too_large": "frames of more pixels than max_frame_pixels (from the header)",
+    "video_too_long": "over max_video_tokens even at one frame, or longer than max_video_seconds",
+    "video_outside_folder": "video path leads outside video_folder (absolute, '..' or a symlink)",
+    "video_count_mismatch": "<video> placeholders differ from the sample's videos (or the model takes no video)",
+    "video_in_assistant_turn": "<video> in an assistant turn",
+    "too_long_for_videos": "too long to keep its video tokens within max_length",
     "unexpected_error": "an error nothing foresaw (please report it)",
     "unreadable_dataset": "the dataset file itself cannot be read",
     "empty_dataset": "the dataset holds no samples",
 }
-IMAGE_ERRORS = ("missing_image", "corrupt_image", "image_too_large", "extreme_aspect_ratio", "image_outside_folder")
+IMAGE_ERRORS = ("missing_image", "corrupt_image", "image_too_large", "extreme_aspect_ratio", "image_outside_folder",
+                "video_missing", "video_corrupt", "video_no_frames", "video_too_large", "video_too_long",
+                "video_outside_folder")
 NOTE_ASPECT_RATIO = 10
 """Images more elongated than this (long side / short side) get a note saying what training does with them."""
 MODE_NOTES = {
@@ -92,6 +108,8 @@ class Target:
     """data.format: the sample layout (auto: from each sample's fields)."""
     columns: dict = field(default_factory=dict)
     """data.columns: vlmkit field -> the dataset's column name."""
+    video: VideoOptions = field(default_factory=VideoOptions)
+    """The data.* video keys (folder, frames, fps, budget, limits)."""
 
 
 @dataclass
@@ -162,25 +180,47 @@ def check_sample(ds: ConversationDataset, i: int) -> dict:
     for k, item in enumerate(refs):
         notes += image_notes(ds, item, k, len(refs))
     tokens = None
-    out = ds[i]  # the training path (skip mode: every error is returned, none raised): images, encode, truncate
+    video_errors = check_videos(ds, rec) if is_dict else []
+    out = {"skipped": {}} if video_errors else ds[i]  # the training path (skip mode: errors returned, not raised)
     if "skipped" in out:
-        kind, reason = out["skipped"]["kind"], out["skipped"]["reason"]
-        errors.append((kind, reason))
-        if kind in IMAGE_ERRORS and is_dict and "conversations" in rec:
-            # an image error stops the sample before its text is looked at: check the text too, with
-            # stand-in images of the model's input size, so one run reports both problems
-            size = ds.processor.transform.size
-            stand_ins = [Image.new("RGB", (size, size)) for _ in refs]
-            try:
-                ds.processor(rec["conversations"], stand_ins, ds.template, ds.max_length)
-            except (SampleError, ValueError) as e:
-                errors.append((getattr(e, "kind", "invalid_sample"), str(e)))
+        errors += video_errors or [(out["skipped"]["kind"], out["skipped"]["reason"])]
+        if errors[0][0] in IMAGE_ERRORS and is_dict and "conversations" in rec:
+            errors += text_errors(ds, rec, len(refs))
     else:
         tokens = len(out["input_ids"])
         if ds.max_length and tokens >= ds.max_length:
             notes.append(("at_max_length", f"{tokens} tokens: filled max_length {ds.max_length}"))
     return {"index": i, "id": sid, "own_id": own_id, "errors": errors,
             "notes": notes, "tokens": tokens, "images": len(refs)}
+
+
+def check_videos(ds: ConversationDataset, rec: dict) -> list[tuple[str, str]]:
+    """(kind, message) of every video of the sample that training would refuse (`video.check_video`)."""
+    kw = ds.load_kwargs()
+    out = []
+    for ref in ds.video_refs(rec):
+        path = ref.get("path") if isinstance(ref, dict) else ref
+        if isinstance(path, str) and path.strip():  # a malformed entry: the training path names it
+            out += [(p.kind, p.message) for p in check_video(path, **kw)]
+    return out
+
+
+def text_errors(ds: ConversationDataset, rec: dict, n_images: int) -> list[tuple[str, str]]:
+    """An image or video error stops the sample before its text is looked at: the text's own errors, found with
+    stand-in images of the model's input size and stand-in frames (as many as training would sample, within the
+    budget), so one run reports both problems."""
+    size = ds.processor.transform.size
+    stand_ins = [Image.new("RGB", (size, size)) for _ in range(n_images)]
+    try:
+        n = frames_for_budget(ds.video.max_frames, ds.tokens_for, ds.video.max_video_tokens)
+    except VideoError:
+        n = 1
+    videos = [[Image.new("RGB", (size, size))] * n for _ in ds.video_refs(rec)]
+    try:
+        ds.processor(rec["conversations"], stand_ins, ds.template, ds.max_length, videos=videos or None)
+    except (SampleError, ValueError) as e:
+        return [(getattr(e, "kind", "invalid_sample"), str(e))]
+    return []
 
 
 class _Checks(Dataset):
@@ -236,7 +276,7 @@ def check_dataset(target: Target, workers: int = 0, examples: int = 5, progress:
                                  target.max_length, on_bad_sample="skip", max_image_pixels=target.max_image_pixels,
                                  max_aspect_ratio=target.max_aspect_ratio,
                                  allow_absolute_image_paths=target.allow_absolute_image_paths,
-                                 format=target.format, columns=target.columns)
+                                 format=target.format, columns=target.columns, video=target.video)
     except Exception as e:
         kind = getattr(e, "kind", "unreadable_dataset")
         message = str(e) if kind == "empty_dataset" or type(e).__name__ == "DatasetError" else f"{type(e).__name__}: {e}"
@@ -304,7 +344,8 @@ def targets_from_config(config_path: str, data: list[str] | None = None, **overr
                       "max_length": s.data.max_length, "max_image_pixels": s.data.max_image_pixels,
                       "max_aspect_ratio": s.data.max_aspect_ratio,
                       "allow_absolute_image_paths": s.data.allow_absolute_image_paths,
-                      "format": s.data.format, "columns": s.data.columns, **over})
+                      "format": s.data.format, "columns": s.data.columns, "video": VideoOptions.of(s.data),
+                      **over})
             for s in cfg.stages]
 
 

@@ -54,7 +54,8 @@ def cmd_eval(args) -> int:
     model = VLM.from_pretrained(resolve_model_dir(args.model), trust_remote_code=args.trust_remote_code).to(acc.device)
     settings = {"images": False, "blank images": True} if args.blank_images else {"images": False}
     results = {name: evaluate(model, args.data, args.image_folder, blank_images=blank, batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens, accelerator=acc, limit=args.limit)
+                              max_new_tokens=args.max_new_tokens, accelerator=acc, limit=args.limit,
+                              video=_video_options(args))
                for name, blank in settings.items()}
     if acc.is_main_process:
         print(markdown_table(results), end="")
@@ -62,6 +63,20 @@ def cmd_eval(args) -> int:
             print("wrote", *write_report(results, args.output_dir))
     return 0
 
+
+
+def _video_options(args):
+    """The data.* video keys given on the command line (vlmkit/data/dataset.py VideoOptions)."""
+    from .data.dataset import VideoOptions
+
+    return VideoOptions(folder=getattr(args, "video_folder", "") or "", max_frames=args.max_frames, fps=args.fps,
+                        max_video_tokens=args.max_video_tokens)
+
+
+def _add_video_args(p) -> None:
+    p.add_argument("--max-frames", type=int, default=8, help="frames sampled per video, uniformly (data.max_frames)")
+    p.add_argument("--fps", type=float, help="sample at this many frames per second, capped at --max-frames")
+    p.add_argument("--max-video-tokens", type=int, help="per-video token budget: fewer frames when over it")
 
 
 def cmd_chat(args) -> int:
@@ -74,9 +89,11 @@ def cmd_chat(args) -> int:
     gen = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens}
     if args.temperature > 0:
         gen.update(temperature=args.temperature, top_p=args.top_p)
-    session = ChatSession(model, gen)
+    session = ChatSession(model, gen, video=_video_options(args))
     if args.image:
         session.attach(args.image)  # one-shot or not, a bad --image is an error before anything is asked
+    if args.video:
+        session.attach_video(args.video)
     if args.prompt:
         session.answer(args.prompt)
         return 0
@@ -191,6 +208,8 @@ def _add_eval(sub, common, trust) -> None:
     e.add_argument("--max-new-tokens", type=int, default=16, help="longest answer")
     e.add_argument("--limit", type=int, help="answer only the first N questions (of the whole file, however many "
                                              "processes share them)")
+    e.add_argument("--video-folder", default="", help="videos are relative to this folder ('': the image folder)")
+    _add_video_args(e)
     e.add_argument("--output-dir", help="write eval.json (every answer) and eval.md (the table) here")
     e.add_argument("--cpu", action="store_true", help="force CPU (e.g. several gloo processes)")
     e.set_defaults(fn=cmd_eval)
@@ -200,8 +219,10 @@ def _add_chat(sub, common, trust) -> None:
     c = sub.add_parser("chat", help="talk to a model about an image", parents=[common, trust])
     c.add_argument("model", help="a vlmkit model folder, or a run folder (its model/ is used)")
     c.add_argument("--image", help="an image file to talk about (interactive: /image PATH adds or changes it)")
+    c.add_argument("--video", help="a video file or folder of frames to talk about (interactive: /video PATH)")
+    _add_video_args(c)
     c.add_argument("--prompt", help="one-shot: answer this and exit (without it: interactive, USER> prompts; "
-                                    "/image PATH, /clear, /help, /exit or Ctrl-D)")
+                                    "/image PATH, /video PATH, /clear, /help, /exit or Ctrl-D)")
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (with --temperature > 0)")

@@ -425,7 +425,7 @@ class ModelConfig:
 
 DATA_FORMATS = ("auto", "llava", "messages")
 """data.format's values (vlmkit.data.formats reads the layouts)."""
-DATA_FIELDS = ("id", "conversations", "messages", "image", "images")
+DATA_FIELDS = ("id", "conversations", "messages", "image", "images", "video", "videos")
 """The vlmkit field names data.columns may map."""
 
 

@@ -61,7 +61,7 @@ def disk_full(e: BaseException, path, what: str = "") -> DiskFullError:
 
 
 # ---- the terminal --------------------------------------------------------------------------------
-OWN_ERRORS = ("ConfigError", "SampleError", "ImageError", "DatasetError", "RemoteCodeRefused", "DiskFullError",
+OWN_ERRORS = ("ConfigError", "SampleError", "ImageError", "VideoError", "DatasetError", "RemoteCodeRefused", "DiskFullError",
               "FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "PermissionError")
 """Errors whose message is meant for the user wherever they come from: shown as they are."""
 PACKAGE_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep

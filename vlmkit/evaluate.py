@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.conversation import SampleError
-from .data.dataset import ConversationDataset
+from .data.dataset import ConversationDataset, VideoOptions
 from .data.samples import check_record
 from .data.processor import collate
 
@@ -34,6 +34,9 @@ def generate_answers(model, prompts: list[dict], batch_size: int = 64, max_new_t
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
         b = collate(prompts[i:i + batch_size], model.tokenizer.pad_token_id, padding_side="left")
         layout = {k: b[k] for k in ("image_sizes", "images_per_sample", "tiles_per_image") if k in b}
+        if "pixel_values_videos" in b and b["frames_per_video"].numel():  # a batch holding video questions
+            layout.update({k: b[k].to(device) if k == "pixel_values_videos" else b[k]
+                           for k in ("pixel_values_videos", "frames_per_video", "videos_per_sample")})
         new = model.generate(b["input_ids"].to(device), b["attention_mask"].to(device),
                              b["pixel_values"].to(device), max_new_tokens=max_new_tokens, **layout, **gen_kwargs)
         out += [t.strip() for t in model.tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -41,7 +44,8 @@ def generate_answers(model, prompts: list[dict], batch_size: int = 64, max_new_t
 
 
 def evaluate(model, path: str, image_folder: str = "", blank_images: bool = False, batch_size: int = 64,
-             max_new_tokens: int = 16, progress: bool = True, accelerator=None, limit: int | None = None) -> dict:
+             max_new_tokens: int = 16, progress: bool = True, accelerator=None, limit: int | None = None,
+             video: VideoOptions | None = None) -> dict:
     """Accuracy on a LLaVA-format file (or HF dataset) whose last turn is the reference answer.
 
     Each sample's conversation up to its last assistant turn is the prompt; the greedy answer is
@@ -50,11 +54,13 @@ def evaluate(model, path: str, image_folder: str = "", blank_images: bool = Fals
     is answered from the text alone. A sample's optional "type" field gives per-type accuracy.
     With an `accelerator` of several processes, each answers a contiguous shard and all get the result.
     `limit`: only the first `limit` samples of the file (of the whole file, however many processes share them).
+    A sample's `video` (file or folder of frames, `<video>` in the text) is sampled and decoded as training does,
+    with `video` (VideoOptions: frames, fps, token budget through the model's count_video_tokens, time prompt).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of samples, got {limit}")
     processor = model.processor()
-    ds = ConversationDataset(path, processor, image_folder)
+    ds = ConversationDataset(path, processor, image_folder, video=video)
     n = len(ds.records) if limit is None else min(limit, len(ds.records))
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     lo, hi = rank * n // world, (rank + 1) * n // world
@@ -66,11 +72,15 @@ def evaluate(model, path: str, image_folder: str = "", blank_images: bool = Fals
             turns = check_record(rec)
             if turns[-1][0] != "assistant":
                 raise SampleError("the last turn must be the reference answer")
-            p = processor(rec["conversations"][:-1], ds.images(rec), add_generation_prompt=True)
+            videos = ds.videos(rec)
+            p = processor(ds.conversations(rec, videos)[:-1], ds.images(rec), add_generation_prompt=True,
+                          videos=videos or None)
         except (SampleError, OSError, ValueError) as e:
             raise SampleError(f"{path}: sample {i} (id={sid}): {e}", getattr(e, "kind", "invalid_sample")) from None
         if blank_images:
             p["pixel_values"] = processor.blank_like(p["pixel_values"])
+            if p.get("pixel_values_videos") is not None and len(p["pixel_values_videos"]):
+                p["pixel_values_videos"] = processor.blank_like(p["pixel_values_videos"])
         prompts.append(p)
         rows.append({"index": i, "id": sid, "type": str(rec.get("type", "all")), "ref": turns[-1][1].strip()})
     answers = generate_answers(model, prompts, batch_size, max_new_tokens, progress and rank == 0)

@@ -13,6 +13,10 @@ checks and `Processor.__call__` tokenizes). Layouts read:
                {"bytes"/"path"} dicts or PIL images, in `images` or inside the image parts (`{"type": "image",
                "image": ...}`)
 
+Video (LLaVA-Video / OneVision): a llava record's `video` (a file or a folder of frames, or a list) with `<video>`
+in the text; a messages record's `videos` list with `<video>` in string content (LLaMA-Factory), or
+`{"type": "video"[, "video": path]}` parts in typed content (TRL), written as `<video>`.
+
 `data.format` declares the layout (auto: from the fields of each sample); `data.columns` maps vlmkit's field
 names (id, conversations, messages, image, images) to a dataset's own column names. A sample of the wrong shape
 is a SampleError (kind invalid_sample) naming what is wrong, as for LLaVA samples.
@@ -72,7 +76,7 @@ def from_messages(rec: dict) -> dict:
     messages = rec["messages"]
     if not isinstance(messages, list):
         raise SampleError(f"'messages' must be a list of turns, got {type(messages).__name__}")
-    turns, inline = [], []
+    turns, inline = [], {"image": [], "video": []}
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             turns.append(m)  # check_record names it
@@ -81,20 +85,28 @@ def from_messages(rec: dict) -> dict:
         if isinstance(content, list):
             content = typed_text(content, i, inline)
         turns.append({"role": m.get("role"), "content": content})
-    images = rec.get("images", rec.get("image"))
-    if _empty(images):
-        images = inline
-    elif inline:
-        raise SampleError("images both in the 'images' field and inside the messages' image parts: give them once")
-    out = {"conversations": turns, "images": images}
+    out = {"conversations": turns,
+           "images": _media(rec.get("images", rec.get("image")), inline["image"], "images", "image"),
+           "videos": _media(rec.get("videos", rec.get("video")), inline["video"], "videos", "video")}
+    if _empty(out["videos"]):
+        del out["videos"]
     if rec.get("id") is not None:
         out["id"] = rec["id"]
     return out
 
 
-def typed_text(content: list, turn: int, inline: list) -> str:
-    """A typed content list -> text: parts joined by a newline, each image part as `<image>` (its own image, when
-    it carries one, appended to `inline`)."""
+def _media(listed, inline: list, field: str, part: str):
+    """A record's images (or videos): the listed ones, else those carried by the content parts; not both."""
+    if _empty(listed):
+        return inline
+    if inline:
+        raise SampleError(f"{field} both in the '{field}' field and inside the messages' {part} parts: give them once")
+    return listed
+
+
+def typed_text(content: list, turn: int, inline: dict[str, list]) -> str:
+    """A typed content list -> text: parts joined by a newline, each image part as `<image>` and each video part
+    as `<video>` (its own image / video, when it carries one, appended to `inline[kind]`)."""
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -104,12 +116,13 @@ def typed_text(content: list, turn: int, inline: list) -> str:
                 raise SampleError(f"turn {turn}: content part {j} (text): the text must be a string, got "
                                   f"{type(text).__name__}")
             parts.append(text)
-        elif kind == "image":
-            parts.append("<image>")
-            if part.get("image") is not None:
-                inline.append(part["image"])
+        elif kind in ("image", "video"):
+            parts.append(f"<{kind}>")
+            if part.get(kind) is not None:
+                inline[kind].append(part[kind])
         else:
-            raise SampleError(f"turn {turn}: content part {j}: expected {{\"type\": \"text\" | \"image\", ...}}, "
+            raise SampleError(f"turn {turn}: content part {j}: expected {{\"type\": \"text\" | \"image\" | "
+                              f"\"video\", ...}}, "
                               f"got {part!r:.80}")
     return "\n".join(parts)
 
@@ -118,9 +131,16 @@ def _empty(images) -> bool:
     return images is None or isinstance(images, list) and not images
 
 
-def estimated_length(sample) -> tuple[int, int]:
-    """(words of the text + 128 per image, number of images) of an internal-form sample: LLaVA's cheap length
-    estimate for grouping by modality and length (no tokenizer, no image opened)."""
+def _count(media) -> int:
+    if media is None or isinstance(media, float) and math.isnan(media):
+        return 0
+    return len(media) if isinstance(media, list) else 1
+
+
+def estimated_length(sample, video_tokens: int = 128) -> tuple[int, int]:
+    """(words of the text + 128 per image + `video_tokens` per video, number of images and videos) of an
+    internal-form sample: LLaVA's cheap length estimate for grouping by modality and length (no tokenizer, no
+    image or video opened); a video sample counts as multimodal."""
     if not isinstance(sample, dict):
         return 0, 0
     words = 0
@@ -128,7 +148,6 @@ def estimated_length(sample) -> tuple[int, int]:
         text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
         if isinstance(text, str):
             words += len(text.split())
-    images = sample.get("images", sample.get("image"))
-    n = 0 if images is None or isinstance(images, float) and math.isnan(images) else (
-        len(images) if isinstance(images, list) else 1)
-    return words + 128 * n, n
+    n = _count(sample.get("images", sample.get("image")))
+    v = _count(sample.get("videos", sample.get("video")))
+    return words + 128 * n + video_tokens * v, n + v

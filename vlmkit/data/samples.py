@@ -20,6 +20,7 @@ import math
 from .conversation import ROLES, SampleError
 
 IMAGE_FIELDS = ("image", "images")
+VIDEO_FIELDS = ("video", "videos")
 
 
 def _describe(value) -> str:
@@ -60,6 +61,13 @@ def _image_entry(item, k: int) -> None:
                       f"{type(item).__name__} {_describe(item)}")
 
 
+def _video_entry(item, k: int) -> None:
+    path = item.get("path") if isinstance(item, dict) else item
+    if not isinstance(path, str) or not path.strip():
+        raise SampleError(f"video {k}: expected a path (string: a video file or a folder of frames) or "
+                          f"{{\"path\"}}, got {type(item).__name__} {_describe(item)}")
+
+
 def check_record(rec) -> list[tuple[str, str]]:
     """Raise SampleError (with its kind) when the sample's shape is wrong; return its turns as (role, content)."""
     if not isinstance(rec, dict):
@@ -79,6 +87,11 @@ def check_record(rec) -> list[tuple[str, str]]:
             value = rec[key]
             for k, item in enumerate(value if isinstance(value, list) else [value]):
                 _image_entry(item, k)
+    for key in VIDEO_FIELDS:
+        if key in rec and rec[key] is not None:
+            value = rec[key]
+            for k, item in enumerate(value if isinstance(value, list) else [value]):
+                _video_entry(item, k)
     turns = [_turn(t, i) for i, t in enumerate(conv)]
     check_turn_order(turns)
     return turns

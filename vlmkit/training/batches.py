@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ..config import DataConfig, StageConfig
 from ..data.conversation import IGNORE
-from ..data.dataset import ConversationDataset
+from ..data.dataset import ConversationDataset, VideoOptions
 from ..data.processor import collate
 from ..data.sampler import ModalityLengthBatchSampler
 from ..data.streaming import StreamingConversations
@@ -96,7 +96,7 @@ def make_dataset(data: DataConfig, processor):
         kw["records"] = []  # read as a stream by StreamingConversations
     ds = ConversationDataset(data.path, processor, data.image_folder, data.template, data.max_length,
                              data.on_bad_sample, data.max_image_pixels, data.max_aspect_ratio,
-                             data.allow_absolute_image_paths, **kw)
+                             data.allow_absolute_image_paths, video=VideoOptions.of(data), **kw)
     return StreamingConversations(ds, None) if data.streaming else ds
 
 
@@ -142,12 +142,14 @@ COUNTS = ("labels", "tokens", "samples", "flops", "llm_flops")
 
 def window_counts(accelerator: Accelerator, window: list[dict], flop_counter: FlopCounter) -> dict:
     """An optimizer step's trained targets, real tokens, samples and model FLOPs over every process: read from
-    collate's plain-int counts (no device sync), then one all-reduce when there are several processes."""
+    collate's plain-int counts (no device sync), then one all-reduce when there are several processes. A video
+    frame is one encoder tile (`pixel_values_videos` rows), counted like an image tile; the zero-weighted blank
+    frame a batch without video runs (so every rank runs the video path) is not model work and is not counted."""
     vals = [0.0] * len(COUNTS)
     for b in window:
         lengths = b["lengths"] if "lengths" in b else b["attention_mask"].sum(1).tolist()
         labels = b["num_labels"] if "num_labels" in b else int((b["labels"][:, 1:] != IGNORE).sum())
-        tiles = 0 if b.get("pixel_values") is None else int(b["pixel_values"].shape[0])
+        tiles = sum(0 if b.get(k) is None else int(b[k].shape[0]) for k in ("pixel_values", "pixel_values_videos"))
         flops, llm_flops = flop_counter.step(lengths, tiles)
         for i, v in enumerate((labels, sum(lengths), len(b["ids"]), flops, llm_flops)):
             vals[i] += v
