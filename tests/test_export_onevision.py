@@ -229,3 +229,17 @@ def test_settings_that_do_not_map_are_refused(change, msg, encoder_dirs, llm_dir
     with pytest.raises(ValueError, match=msg):
         export_model(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_picks_onevision(exported, tmp_path, capsys):
+    """`vlmkit export` of a saved model with the default video settings writes LlavaOnevision."""
+    from transformers import AutoModelForImageTextToText
+    from vlmkit.cli import main
+
+    model, _ = exported
+    model.save_pretrained(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "hf")]) == 0
+    assert "LlavaOnevisionForConditionalGeneration" in capsys.readouterr().out
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    p, kw = hf_inputs(model, tmp_path / "hf", "<image>\n<video>\nWhat moves?", [image(41, 23)], [clip(2)])
+    assert_same_logits(model, hf, p, kw)
