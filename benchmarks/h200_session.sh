@@ -40,4 +40,9 @@ recipe)  # the recipe itself (accelerate launch recipes/llava15.py --config), th
   one peer_1.5b_s2   150 python3 "$peer" --llm 1.5b --stage 2 --batch 16 --gc --steps 10
   one recipe_1.5b_s2 300 python3 benchmarks/train_throughput.py --via-recipe --llm 1.5b --stage 2 --batch 16 --gc --compile --steps 10
   ;;
+video)  # video samples next to image samples, both through the recipe, same shape and text (BENCHMARKS.md, Video)
+  one recipe_7b_s2_image  280 python3 benchmarks/train_throughput.py --via-recipe --llm 7b --stage 2 --batch 16 --gc --gc-skip 8 --compile --steps 8
+  one recipe_7b_s2_video8 280 python3 benchmarks/train_throughput.py --via-recipe --llm 7b --stage 2 --batch 16 --gc --gc-skip 8 --compile --steps 8 --video 8
+  one video_decode         60 python3 benchmarks/video_decode.py
+  ;;
 esac

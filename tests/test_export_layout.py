@@ -1,14 +1,15 @@
 """vlmkit/export/ is one shared module, one file per target and one dispatcher, without import circles:
 common.py imports no target, a target imports only common (video.py, LlavaNextVideo, also builds on llava.py's
-LlavaNext image side), and only the package's __init__ imports every target."""
+LlavaNext image side; onevision.py on llava.py's AnyRes checks and video.py's shared video checks), and only the
+package's __init__ imports every target."""
 import ast
 from pathlib import Path
 
 import vlmkit
 
 PKG = Path(vlmkit.__file__).parent / "export"
-TARGETS = ("llava", "internvl", "video")
-ALLOWED = {"video": {"common", "llava"}}
+TARGETS = ("llava", "internvl", "video", "onevision")
+ALLOWED = {"video": {"common", "llava"}, "onevision": {"common", "llava", "video"}}
 
 
 def sibling_imports(path: Path) -> set[str]:
@@ -36,7 +37,8 @@ def test_only_the_dispatcher_knows_every_target():
     assert EXPORT_TYPES == {"llava": "LlavaForConditionalGeneration",
                             "llava_next": "LlavaNextForConditionalGeneration",
                             "internvl": "InternVLForConditionalGeneration",
-                            "llava_next_video": "LlavaNextVideoForConditionalGeneration"}
+                            "llava_next_video": "LlavaNextVideoForConditionalGeneration",
+                            "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 def test_deprecated_export_internvl_reexports():

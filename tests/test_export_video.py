@@ -169,7 +169,7 @@ def test_export_generates_without_vlmkit(exported, tmp_path):
     ({"video": {"pool": "average", "newline": "frame"}}, "cannot export video.newline 'frame' to LlavaNextVideo"),
     ({"video": {"pool": "max", "pool_stride": 3}}, "cannot export video.pool_stride 3 to LlavaNextVideo"),
     ({"video": {"pool": "none"}}, "cannot export video.pool 'none'"),
-    ({"video": {"pool": "bilinear", "newline": "video"}}, "LlavaOnevisionForConditionalGeneration \\(pool bilinear"),
+    ({"video": {"pool": "bilinear", "newline": "frame"}}, "cannot export video.newline 'frame' to LlavaOnevision"),
     ({"aspect": "pad"}, "cannot export video to LlavaNextVideo: vlmkit pads each frame"),
     ({"tiling": None}, "cannot export none tiling to LlavaNext.*LlavaNextVideo's images are LlavaNext's"),
     ({"tiling": {"unpad": False}}, "cannot export AnyRes with unpad: false"),

@@ -3,8 +3,10 @@ text samples, packed, learns and resumes exactly; FLOP accounting counts video f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from test_streaming import interrupted_then_resumed, trace
@@ -96,3 +98,59 @@ def test_flops_count_video_frames_as_encoder_tiles(tok_dir):
     enc, conn = counter.tile_forward()
     diff = window_counts(One(), [frames], counter)["flops"] - window_counts(One(), [base], counter)["flops"]
     assert enc > 0 and diff == 6 * (counter.mult_enc * enc + counter.mult_conn * conn)
+
+
+def _zero3_ready() -> str | None:
+    import torch
+
+    from vlmkit.extras import available
+
+    if not torch.cuda.is_available():
+        return "ZeRO-3 needs a CUDA GPU (run on the GPU machine: see BENCHMARKS.md)"
+    if not available("deepspeed"):
+        return "needs deepspeed (pip install 'vlmkit[deepspeed]')"
+    return None
+
+
+@pytest.mark.skipif(_zero3_ready() is not None, reason=str(_zero3_ready()))
+def test_zero3_trains_mixed_video_image_text_batches(tok_dir, tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/zero3.yaml` (one process per GPU, at most 2) over the
+    mixed JSON, one sample per micro-batch: batches of video, of images and of text only meet the partitioned
+    model (on 2 GPUs one rank's batch has a video when the other's has none). Both stages finish, every modality is
+    trained on, the consolidated model loads whole, and stage 2 changed the connector and the LLM."""
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+
+    from conftest import ACCELERATE_LAUNCH, launch_env
+    from vlmkit import VLM
+    from vlmkit.config import to_dict
+
+    world = min(2, torch.cuda.device_count())
+    path = write_mixed(tmp_path)
+    cfg = video_run(tok_dir, path, tmp_path / "run", steps=6, llm="full", lr=3e-3)
+    cfg.train.save_models = True
+    for s in cfg.stages:
+        s.per_device_batch_size, s.global_batch_size = 1, 2
+        s.data.pack = False
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    root = Path(__file__).resolve().parent.parent
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(root / "recipes" / "accelerate" / "zero3.yaml"),
+           "--num_processes", str(world), "-m", "vlmkit.cli", "train", str(tmp_path / "run.yaml")]
+    p = subprocess.run(cmd, env=launch_env(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1"), cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    log, ids = trace(tmp_path / "run")
+    assert len(log) == 8 and all(np.isfinite([loss for _, loss in log]))
+    def flat(x):
+        return [x] if isinstance(x, str) else [i for y in x for i in flat(y)]
+    seen = set(flat(ids))
+    assert any(i.startswith("v") for i in seen) and any(i.startswith("i") for i in seen)
+    assert any(i.startswith("t") for i in seen)
+    final = VLM.from_pretrained(tmp_path / "run" / "model")
+    aligned = VLM.from_pretrained(tmp_path / "run" / "align")
+    for part in ("connector", "llm"):
+        a, b = dict(aligned.get_submodule(part).named_parameters()), dict(final.get_submodule(part).named_parameters())
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), part

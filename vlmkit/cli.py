@@ -3,7 +3,8 @@
     vlmkit train CONFIG.yaml [KEY=VALUE ...] (or: accelerate launch -m vlmkit.cli train CONFIG.yaml ...)
     vlmkit eval MODEL_DIR --data eval.json   accuracy against reference answers
     vlmkit chat MODEL_DIR --image cat.png --prompt "What is this?"   one-shot; without --prompt: interactive
-    vlmkit export RUN_OR_MODEL_DIR OUT_DIR   transformers-native Llava / LlavaNext / InternVL (picked from the parts)
+    vlmkit export RUN_OR_MODEL_DIR OUT_DIR   transformers-native Llava / LlavaNext / InternVL / LlavaNextVideo /
+                                             LlavaOnevision (picked from the parts)
     vlmkit import HF_DIR_OR_HUB_ID OUT_DIR   a Llava / LlavaNext / InternVL checkpoint -> a vlmkit model folder
     vlmkit check-data --config RUN.yaml      scan every stage's data for bad samples (exit 1 if any)
     vlmkit check-data data.json --model MODEL_DIR --json report.json
@@ -230,8 +231,8 @@ def _add_chat(sub, common, trust) -> None:
 
 
 def _add_export(sub, common, trust) -> None:
-    x = sub.add_parser("export", help="a vlmkit model -> transformers-native Llava / LlavaNext / InternVL folder",
-                       parents=[common])
+    x = sub.add_parser("export", help="a vlmkit model -> transformers-native Llava / LlavaNext / InternVL / "
+                       "LlavaNextVideo / LlavaOnevision folder (picked from the parts)", parents=[common])
     x.add_argument("model", help="a model folder, or a run folder (its model/ is used)")
     x.add_argument("out_dir", help="the transformers-native folder to write")
     x.add_argument("--template", help="chat template to write (default: the model's)")

@@ -787,7 +787,10 @@ class TrainConfig:
         """log_with: null / none / [] -> None; every name one accelerate knows; project / run_name strings."""
         names = self.log_with if isinstance(self.log_with, list) else [] if self.log_with is None else [self.log_with]
         if any(not isinstance(n, str) for n in names):
-            raise ConfigError(f"train.log_with must be a tracker name, a list of them or null, got {self.log_with!r}")
+            hint = (" (YAML reads yes / no / on / off unquoted as true / false: quote it, or write null for none)"
+                    if isinstance(self.log_with, bool) else "")
+            raise ConfigError(f"train.log_with must be a tracker name, a list of them or null, got "
+                              f"{self.log_with!r}{hint}")
         names = [n for n in names if n.strip().lower() not in ("none", "null", "")]
         unknown = [n for n in names if n not in tracker_names()]
         if unknown:

@@ -91,20 +91,27 @@ def check_llava_parts(model, target: str = "Llava") -> None:
 def check_llava_next_exportable(model) -> None:
     """Raise ValueError with the reason when `model` has no exact LlavaNextForConditionalGeneration equivalent."""
     t = model.config.tiling
+    if t.mode == "anyres" and t.unpad and t.anyres_max is not None:
+        raise ValueError(f"cannot export tiling.anyres_max {t.anyres_max} to LlavaNext: the downscale of the feature "
+                         "grid is LLaVA-OneVision's (LlavaOnevisionForConditionalGeneration, which vlmkit writes for "
+                         "a model with model.video pool bilinear, newline video); drop anyres_max for LlavaNext")
+    check_anyres_llava_parts(model, "LlavaNext")
+
+
+def check_anyres_llava_parts(model, target: str) -> None:
+    """What LlavaNext and LlavaOnevision share: AnyRes with unpad (base tile, unpadded grid, image_newline after
+    each row) over the Llava parts (`target` names the class in errors)."""
+    t = model.config.tiling
     if t.mode != "anyres":
-        raise ValueError(f"cannot export {t.mode} tiling to LlavaNext: LlavaNextForConditionalGeneration is AnyRes")
+        raise ValueError(f"cannot export {t.mode} tiling to {target}: {target}ForConditionalGeneration is AnyRes "
+                         "(tiling.mode anyres)")
     if not t.unpad:
-        raise ValueError("cannot export AnyRes with unpad: false to LlavaNext: LlavaNextForConditionalGeneration "
+        raise ValueError(f"cannot export AnyRes with unpad: false to {target}: {target}ForConditionalGeneration "
                          "always crops the padding from the feature grid and appends image_newline after each row "
                          "(spatial_unpad); vlmkit's `spatial` layout has no native class")
-    if t.anyres_max is not None:
-        raise ValueError(f"cannot export tiling.anyres_max {t.anyres_max} to LlavaNext: the downscale of the feature "
-                         "grid is LLaVA-OneVision's (LlavaOnevisionForConditionalGeneration), which vlmkit does not "
-                         "export (its processor needs a video processor, i.e. torchvision); drop anyres_max for "
-                         "LlavaNext")
     if model.image_newline is None:
-        raise ValueError("cannot export to LlavaNext: the model has no image_newline")
-    check_llava_parts(model, "LlavaNext")
+        raise ValueError(f"cannot export to {target}: the model has no image_newline")
+    check_llava_parts(model, target)
 
 
 # ---- processor ------------------------------------------------------------------------------

@@ -4,9 +4,10 @@
         pool average | max with pool_stride 2 before the connector, no video newline
         -> LlavaNextVideoForConditionalGeneration (its vision_resampler pools the patch grid, then the projector)
 
-LLaVA-OneVision (`pool: bilinear`, one newline per video, anyres_max images) is not written yet: the check names
-what is missing. transformers' video processors need torchvision, so the processor files are written as JSON (a
-machine with torchvision loads them with AutoProcessor); the image processor and tokenizer load without it.
+LLaVA-OneVision (video.pool bilinear after the connector, one newline per video, anyres_max images: VideoConfig's
+defaults) is onevision.py's, over `check_video_common` and `video_processor_dict` here. transformers' video
+processors need torchvision, so the processor files are written as JSON (a machine with torchvision loads them
+with AutoProcessor); the image processor and tokenizer load without it.
 """
 from __future__ import annotations
 
@@ -131,19 +132,3 @@ def write_llava_next_video(model, src, out_dir, template=None) -> Path:
     card = model_card(model, cfg, template or model.config.template, src, notes=notes, title="LLaVA-NeXT-Video-style")
     return write_export(out_dir, hf, save_video_processor(model, template, "LlavaNextVideoProcessor",
                                                          "LlavaNextVideoVideoProcessor"), card)
-
-
-def check_llava_onevision_exportable(model) -> None:
-    """LLaVA-OneVision (bilinear after the projector, one image_newline per video, anyres_max images): not
-    written by vlmkit yet; says which settings would map."""
-    check_video_common(model, "LlavaOnevision")
-    raise ValueError(f"cannot export video.pool {model.config.video.pool!r}: vlmkit exports video to "
-                     "LlavaNextVideoForConditionalGeneration only (video.pool average or max, pool_stride 2, "
-                     "newline none, AnyRes images with unpad); LlavaOnevisionForConditionalGeneration (pool "
-                     "bilinear, newline video) is not written yet")
-
-
-def write_llava_onevision(model, src, out_dir, template=None) -> Path:
-    """Refuses, naming the settings (see `check_llava_onevision_exportable`)."""
-    check_llava_onevision_exportable(model)
-    raise AssertionError("unreachable")
