@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from vlmkit.config import add_override_args, add_resume_args, apply_run_args  # noqa: E402
 from vlmkit.config import load_config, parse_run_args  # noqa: E402
+from vlmkit.data.dataset import VideoOptions  # noqa: E402
 from vlmkit.experiments.demo import relocate  # noqa: E402
 from vlmkit.experiments.video_run import prepare, video_demo_metrics  # noqa: E402
 from vlmkit.training.engine import make_accelerator  # noqa: E402
@@ -54,7 +55,7 @@ def main(argv=None):
     model, accelerator, stage_metrics = run(cfg, accelerator=accelerator)
     if not demo or not accelerator.is_main_process:
         return
-    metrics = video_demo_metrics(model, out / "data", stage_metrics, t0, data.max_frames, data.fps)
+    metrics = video_demo_metrics(model, out / "data", stage_metrics, t0, VideoOptions.of(data))
     with open(out / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
     print(json.dumps({k: metrics[k] for k in ("accuracy_ordered", "accuracy_shuffled", "accuracy_one",
