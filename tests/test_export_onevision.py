@@ -76,7 +76,7 @@ def load_processor(out):
             try:
                 proc = AutoProcessor.from_pretrained(out, **kw)
                 break
-            except (TypeError, ValueError, ImportError):
+            except (TypeError, ValueError, ImportError, AttributeError):  # 5.17: 'backend' has no setter
                 continue
         else:
             raise AssertionError(f"no processor loads from {out}")
@@ -148,7 +148,9 @@ def test_processor_counts_match_vlmkit(exported):
     got = proc._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in SIZES],
                                           video_sizes=[(n, 16, 16) for n in (1, 2, 7)])
     assert got["num_image_tokens"] == [counter(w, h) for w, h in SIZES]
-    assert got["num_video_tokens"] == [counter.count_video_tokens(n) for n in (1, 2, 7)] == [5, 9, 29]
+    assert [counter.count_video_tokens(n) for n in (1, 2, 7)] == [5, 9, 29]
+    if got.get("num_video_tokens") is not None:  # transformers 5.17 leaves videos out of this count (5.24 has them);
+        assert got["num_video_tokens"] == [5, 9, 29]  # test_processor_runs_videos_like_vlmkit checks the ids anyway
     prompt = [{"from": "human", "value": "<image>\nWhat is it? <image>"}]
     for k, (w, h) in enumerate(SIZES):
         ims = [image(w, h, seed=k), image(*SIZES[k - 1], seed=9)]
