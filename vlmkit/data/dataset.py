@@ -8,7 +8,6 @@ the model's token budget before decoding. Errors name the source, the sample ind
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from torch.utils.data import Dataset
 from .conversation import SampleError
 from .formats import estimated_length, to_sample
 from .images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageError, load_image, prepare_image
+from .paths import escape
 from .samples import check_record
 from .sources import DatasetError, default_image_folder, load_records
 from .video import MAX_FRAME_PIXELS, Video, load_video, time_instruction
@@ -66,19 +66,9 @@ def add_time_prompt(conversations: list, videos: list[Video], token: str = "<vid
 def confined_path(folder: str, rel: str, allow_outside: bool = False) -> str:
     """`rel` joined to `folder`, refused (ImageError, kind image_outside_folder) when it leads outside the
     folder: an absolute path, `..` climbing out, or a symlink to elsewhere (unless `allow_outside`)."""
-    path = os.path.join(folder, rel)
-    if allow_outside:
+    path, base, why = escape(folder, rel)
+    if allow_outside or why is None:
         return path
-    base = os.path.realpath(folder or ".")
-    if os.path.isabs(rel):
-        why = "an absolute path"
-    else:
-        real = os.path.realpath(path)
-        if os.path.commonpath([base, real]) == base:
-            return path
-        lexical = os.path.normpath(os.path.join(base, rel))
-        why = ("'..' climbs out of it" if os.path.commonpath([base, lexical]) != base
-               else f"a symlink to {real}")
     raise ImageError(f"image path {rel!r} leads outside the image folder {base} ({why}); refused. Set "
                      f"data.allow_absolute_image_paths: true (check-data --allow-absolute-image-paths) if your "
                      f"data keeps its images elsewhere", "image_outside_folder")

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..extras import require
 from .images import ImageError, load_image, open_image
+from .paths import escape
 
 MAX_FRAME_PIXELS = 4096 * 4096
 """Default limit on one frame's pixels (width x height from the header), checked before decoding."""
@@ -96,18 +97,9 @@ def _av():
 def confined_video_path(folder: str, rel: str, allow_outside: bool = False) -> str:
     """`rel` joined to `folder`; VideoError video_outside_folder when it leads outside (an absolute path, `..`
     climbing out, or a symlink to elsewhere), unless `allow_outside` (the semantics of dataset.confined_path)."""
-    path = os.path.join(folder, rel)
-    if allow_outside:
+    path, base, why = escape(folder, rel)
+    if allow_outside or why is None:
         return path
-    base = os.path.realpath(folder or ".")
-    if os.path.isabs(rel):
-        why = "an absolute path"
-    else:
-        real = os.path.realpath(path)
-        if os.path.commonpath([base, real]) == base:
-            return path
-        lexical = os.path.normpath(os.path.join(base, rel))
-        why = "'..' climbs out of it" if os.path.commonpath([base, lexical]) != base else f"a symlink to {real}"
     raise VideoError(f"video path {rel!r} leads outside the video folder {base} ({why}); refused. Set "
                      f"data.allow_absolute_image_paths: true if your data keeps its videos elsewhere",
                      "video_outside_folder")

@@ -30,7 +30,7 @@ from pathlib import Path
 from .common import build_native, model_card, prepare, to_llava_state, write_export
 from .llava import _baked_vision_config_and_state, _processor, _strategy, check_anyres_llava_parts, \
     llava_next_config, llava_next_image_processor
-from .video import check_video_common, video_processor_dict
+from .video import check_video_common, processor_writer, video_processor_dict
 
 NATIVE_CLASSES = {"llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
@@ -104,19 +104,9 @@ def save_onevision_processor(model, template: str | None):
     text_side = _processor(LlavaNextProcessor, llava_next_image_processor(model), model, template)
     image = llava_onevision_image_processor(model)
     video = video_processor_dict(model, "LlavaOnevisionVideoProcessor")
-
-    def save(folder: Path) -> None:
-        text_side.save_pretrained(str(folder))
-        image.save_pretrained(str(folder))  # preprocessor_config.json (the pre-v5 layout) as OneVision's
-        path = folder / "processor_config.json"
-        cfg = json.loads(path.read_text())
-        for k in ("patch_size", "num_additional_image_tokens"):  # LlavaNext's, not OneVision's
-            cfg.pop(k, None)
-        cfg.update(processor_settings(model), image_processor=json.loads(image.to_json_string()),
-                   video_processor=video)
-        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
-    return save
+    return processor_writer(text_side, image, video, {**processor_settings(model),
+                                                      "image_processor": json.loads(image.to_json_string())},
+                            drop=("patch_size", "num_additional_image_tokens"))  # LlavaNext's, not OneVision's
 
 
 def export_llava_onevision(model_or_dir, out_dir, template: str | None = None) -> Path:

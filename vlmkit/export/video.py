@@ -87,24 +87,32 @@ def llava_next_video_config(model):
     return cfg
 
 
-def save_video_processor(model, template: str | None, processor_class: str, video_cls: str):
-    """Processor files without instantiating the video processor (it needs torchvision): a LlavaNext processor
-    (image processor, tokenizer, chat template) saved, then its processor_config.json made the video class's, with
-    the video processor's settings nested and in video_preprocessor_config.json (the pre-v5 layout)."""
-    from transformers import LlavaNextProcessor
-
-    image_side = _processor(LlavaNextProcessor, llava_next_image_processor(model), model, template)
-    video = video_processor_dict(model, video_cls)
-
+def processor_writer(text_side, image_processor, video: dict, settings: dict, drop: tuple[str, ...] = ()):
+    """`save(folder)`: the text-side processor (tokenizer, chat template) and `image_processor` saved, then
+    processor_config.json given `settings` (processor_class, ...) and the video processor's settings nested, less
+    the keys in `drop`, and video_preprocessor_config.json (the pre-v5 layout) written: the video processor
+    itself is never instantiated (transformers' video processors need torchvision)."""
     def save(folder: Path) -> None:
-        image_side.save_pretrained(str(folder))
-        image_side.image_processor.save_pretrained(str(folder))
+        text_side.save_pretrained(str(folder))
+        image_processor.save_pretrained(str(folder))
         path = folder / "processor_config.json"
         cfg = json.loads(path.read_text())
-        cfg.update(processor_class=processor_class, video_processor=video, video_token=model.config.video.token)
+        for k in drop:
+            cfg.pop(k, None)
+        cfg.update(settings, video_processor=video)
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
     return save
+
+
+def save_video_processor(model, template: str | None, processor_class: str, video_cls: str):
+    """Processor files for LlavaNextVideo: a LlavaNext processor (image processor, tokenizer, chat template) saved,
+    its processor_config.json made the video class's (`processor_writer`)."""
+    from transformers import LlavaNextProcessor
+
+    image_side = _processor(LlavaNextProcessor, llava_next_image_processor(model), model, template)
+    return processor_writer(image_side, image_side.image_processor, video_processor_dict(model, video_cls),
+                            {"processor_class": processor_class, "video_token": model.config.video.token})
 
 
 def export_llava_next_video(model_or_dir, out_dir, template: str | None = None) -> Path:
