@@ -45,4 +45,10 @@ video)  # video samples next to image samples, both through the recipe, same sha
   one recipe_7b_s2_video8 280 python3 benchmarks/train_throughput.py --via-recipe --llm 7b --stage 2 --batch 16 --gc --gc-skip 8 --compile --steps 8 --video 8
   one video_decode         60 python3 benchmarks/video_decode.py
   ;;
+engines)  # the recipe under each multi-GPU accelerate config on N GPUs (N=1: the engines' own overhead)
+  for e in zero2 zero3 fsdp2; do
+    one ${e}_${LLM:-1.5b}_s2_n${N:-1} 240 python3 benchmarks/train_throughput.py --accelerate-config recipes/accelerate/$e.yaml \
+      --num-processes ${N:-1} --llm ${LLM:-1.5b} --stage 2 --batch 16 --gc --steps 8
+  done
+  ;;
 esac

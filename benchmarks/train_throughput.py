@@ -14,6 +14,12 @@ Qwen2-0.5B-shaped LLM built from `config:`.
   python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --compile --steps 10
   python3 benchmarks/train_throughput.py --llm 7b --stage 2 --batch 16 --gc --video 8 --steps 10   # video samples
   python3 benchmarks/train_throughput.py --device cpu --llm tiny --batch 2 --steps 2 --warmup 1   # smoke
+  python3 benchmarks/train_throughput.py --accelerate-config recipes/accelerate/zero2.yaml --num-processes 4 \
+      --llm 7b --stage 2 --batch 16 --gc --steps 10   # several GPUs: the recipe under ZeRO-2 / ZeRO-3 / FSDP2
+
+With `--accelerate-config FILE --num-processes N` (implies `--via-recipe`) the recipe runs under that accelerate
+config on N GPUs, `--batch` samples per GPU per step (global batch N x batch, weak scaling); the precision is the
+config's (DeepSpeed's JSON, FSDP2's mixed_precision). The JSON line then has total and per-GPU samples/s.
 
 `--video F`: each sample is an H.264 clip (336x336, 30 fps, 3 s) decoded in the DataLoader workers, F frames
 sampled uniformly, each frame's 24x24 CLIP grid average-pooled 2x2 (LLaVA-NeXT-Video): F x 144 placeholders in
@@ -67,7 +73,7 @@ def write_data(folder: Path, a) -> dict:
 
     template = "plain" if a.stage == 1 else "vicuna_v1"
     maker = dt.TextMaker(load_tokenizer(tok_dir, "<image>"), words, template, a.seed)
-    n = (a.warmup + a.steps) * a.batch
+    n = (a.warmup + a.steps) * a.batch * a.num_processes
     lengths = text_lengths(n, a.stage, a.seed)
     key = "video" if a.video else "image"
     records = [{"id": f"bench-{k:06d}", key: files[k % len(files)], "conversations": maker.conversation(t)}
@@ -119,10 +125,12 @@ def run_config(a, files: dict, out: Path):
         data=DataConfig(path=files["json"], image_folder=files["image_folder"], template=files["template"],
                         max_length=2048 + 144 * a.video, num_workers=a.workers, pack=not a.no_pack,
                         **({"max_frames": a.video} if a.video else {})),
-        lr=LR[a.stage], weight_decay=0.0, global_batch_size=a.batch, per_device_batch_size=a.batch,
+        lr=LR[a.stage], weight_decay=0.0, global_batch_size=a.batch * a.num_processes,
+        per_device_batch_size=a.batch,
         max_steps=a.warmup + a.steps, warmup_ratio=0.03, gradient_checkpointing=a.gc,
         gradient_checkpointing_every=a.gc_every, gradient_checkpointing_skip=a.gc_skip, compile=a.compile)
-    train = TrainConfig(output_dir=str(out), mixed_precision="bf16" if a.device == "cuda" else "no",
+    precision = None if a.accelerate_config else "bf16" if a.device == "cuda" else "no"  # the config's own
+    train = TrainConfig(output_dir=str(out), mixed_precision=precision,
                         precision=a.precision, seed=0, log_with=a.log_with, log_every=1, save_steps=0,
                         save_models=False, resume="never")
     return RunConfig(model=model, stages=[stage], train=train)
@@ -139,8 +147,12 @@ def launch_recipe(cfg, root: Path, a) -> dict:
 
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--dynamo_backend", "no", "--mixed_precision", cfg.train.mixed_precision or "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(a.num_processes),
+           "--num_machines", "1", "--dynamo_backend", "no"]
+    if a.accelerate_config:
+        cmd[3:3] = ["--config_file", str(a.accelerate_config)]
+    else:
+        cmd += ["--mixed_precision", cfg.train.mixed_precision or "no"]
     if a.device == "cpu":
         cmd.append("--cpu")
     cmd += [str(HERE.parent / "recipes" / "llava15.py"), "--config", str(path)]
@@ -183,6 +195,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", metavar="DIR", help="write data and run here and keep them (default: a temp dir)")
+    p.add_argument("--accelerate-config", metavar="FILE", help="an accelerate config (recipes/accelerate/zero2.yaml, "
+                   "zero3.yaml, fsdp2.yaml): the recipe under it (implies --via-recipe)")
+    p.add_argument("--num-processes", type=int, default=1, help="with --accelerate-config: processes (GPUs)")
     p.add_argument("--via-recipe", action="store_true",
                    help="write the run config as YAML and train with `accelerate launch recipes/llava15.py --config`")
     a = p.parse_args(argv)
@@ -191,6 +206,9 @@ def parse_args(argv=None):
     if (a.gc_every != 1 or a.gc_skip) and not a.gc:
         p.error("--gc-every / --gc-skip need --gc")
     a.log_with = None if a.log_with == "none" else a.log_with
+    if a.num_processes != 1 and not a.accelerate_config:
+        p.error("--num-processes goes with --accelerate-config")
+    a.via_recipe = a.via_recipe or bool(a.accelerate_config)
     return a
 
 
@@ -220,10 +238,13 @@ def main(argv=None) -> dict:
 
             mem = {"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # host RSS
         res = dict(impl="vlmkit", path="recipe" if a.via_recipe else "run", llm=a.llm, stage=a.stage, batch=a.batch, gc=a.gc,
-                   video_frames=a.video,
+                   video_frames=a.video, num_processes=a.num_processes,
+                   accelerate_config=a.accelerate_config,
+                   samples_s_per_gpu=round(rate["samples"] / a.num_processes, 2),
                    lengths="workload", samples_s=round(rate["samples"], 2), real_tokens_s=round(rate["tokens"]),
                    pad_fraction=0.0 if not a.no_pack else None, tflops=round(rate["flops"] / 1e12, 1),
-                   mfu=round(rate["flops"] / 1e12 / a.peak, 3), mfu_llm=round(rate["llm_flops"] / 1e12 / a.peak, 3),
+                   mfu=round(rate["flops"] / 1e12 / (a.peak * a.num_processes), 3),
+                   mfu_llm=round(rate["llm_flops"] / 1e12 / (a.peak * a.num_processes), 3),
                    peak_mem_gib=round(mem["peak_gib"], 1), memory=mem, precision=m["precision"],
                    mode="lora" if a.lora else "full", pack=not a.no_pack, attn=a.attn, compile=a.compile,
                    gc_every=a.gc_every, gc_skip=a.gc_skip, workers=a.workers, timed_steps=rate["steps"],

@@ -233,3 +233,17 @@ def test_results_csv_matches_benchmarks_md_and_plots(tmp_path):
                 assert f"{r[k]:.2f}" in text, (r["config"], k, r[k])
     out = mod.plot(rows, tmp_path / "b.png")
     assert Path(out).stat().st_size > 10_000
+
+
+def test_flops_count_whole_weights_under_zero3_partitioning():
+    """DeepSpeed ZeRO-3 leaves each process an empty shard (`ds_numel` keeps the whole size): the FLOP count must
+    not fall to zero (it did: MFU 0.017 under recipes/accelerate/zero3.yaml on one H200)."""
+    import torch
+
+    from vlmkit.training.flops import _linear_params
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    assert _linear_params(m) == 48
+    m[0].weight.ds_numel = 32
+    m[0].weight.data = torch.empty(0)  # what a partitioned parameter holds outside its gather
+    assert _linear_params(m) == 48

@@ -39,7 +39,7 @@ def _linear_params(module: torch.nn.Module, skip: tuple = ()) -> int:
     """Weights of the module's nn.Linear layers (`skip`: modules left out, e.g. the LM head). Embeddings,
     position tables and the patch convolution are not counted, as in the peer's formula."""
     skipped = {id(m) for m in skip if m is not None}
-    return sum(m.weight.numel() for m in module.modules()
+    return sum(getattr(m.weight, "ds_numel", None) or m.weight.numel() for m in module.modules()  # ZeRO-3: whole
                if isinstance(m, torch.nn.Linear) and id(m) not in skipped and m.weight is not None)
 
 
