@@ -247,3 +247,27 @@ def test_flops_count_whole_weights_under_zero3_partitioning():
     m[0].weight.ds_numel = 32
     m[0].weight.data = torch.empty(0)  # what a partitioned parameter holds outside its gather
     assert _linear_params(m) == 48
+
+
+def test_flop_multipliers_see_whole_shapes_under_zero3(tok_dir):
+    """A fully trained LLM counts 3x its forward (forward + two backward matmuls) also when ZeRO-3 left each weight
+    an empty 1-D shard with `ds_shape` (it counted 2x: LoRA's multiplier, MFU 0.089 instead of ~0.13)."""
+    import torch
+
+    from vlmkit import VLM
+    from vlmkit.config import ConnectorConfig, EncoderConfig, LLMConfig, ModelConfig
+    from vlmkit.training.flops import FlopCounter
+
+    from conftest import ENCODER_CASES, LLM_KW
+
+    model = VLM.from_config(ModelConfig(encoder=EncoderConfig(name="clip", config=dict(ENCODER_CASES["clip"][1])),
+                                        connector=ConnectorConfig("mlp2x_gelu"),
+                                        llm=LLMConfig(config=dict(LLM_KW), tokenizer=tok_dir)))
+    model.requires_grad_(False)
+    for p in [*model.llm.parameters(), *model.connector.parameters()]:
+        p.requires_grad_(True)
+    whole = FlopCounter.for_model(model).with_stage(model)
+    for p in model.llm.parameters():
+        p.ds_shape, p.ds_numel, p.data = p.shape, p.numel(), torch.empty(0)
+    sharded = FlopCounter.for_model(model).with_stage(model)
+    assert whole.mult_llm == sharded.mult_llm == 3 and sharded.llm_linear == whole.llm_linear > 0

@@ -87,7 +87,8 @@ class FlopCounter:
             return any(p.requires_grad for p in m.parameters())
 
         enc, conn = trains(model.encoder), trains(model.connector)
-        full_llm = any(p.requires_grad and p.dim() >= 2 and "lora_" not in n for n, p in model.llm.named_parameters())
+        full_llm = any(p.requires_grad and len(getattr(p, "ds_shape", None) or p.shape) >= 2 and "lora_" not in n
+                       for n, p in model.llm.named_parameters())  # ds_shape: a ZeRO-3 shard's whole shape
         llm = 3 if full_llm else 2 if (enc or conn or trains(model.llm)) else 1
         return replace(self, mult_llm=llm, mult_enc=3 if enc else 1, mult_conn=3 if conn else 2 if enc else 1)
 
