@@ -223,3 +223,25 @@ def test_check_data_reports_each_bad_video_with_its_kind(tok_dir, mixed):
     big = check_dataset(Target(str(mixed / "c.json"), proc, video=VideoOptions(max_frame_pixels=100)),
                         progress=False)
     assert [e["id"] for e in big["errors"]["video_too_large"]["first"]] == ["ok", "two"]
+
+
+def test_check_data_cli_takes_the_video_keys(tok_dir, mixed, tmp_path, capsys):
+    """`vlmkit check-data DATA --model DIR` with --max-video-tokens / --video-folder / --max-frames: the same kinds
+    as the stage keys give (exit 1 with bad samples, 0 without)."""
+    import shutil
+
+    from vlmkit.cli import main
+
+    model_dir, here = tmp_path / "model", tmp_path / "elsewhere"  # (mixed is tmp_path: clip.mp4 is there)
+    cached(tok_dir).save_pretrained(model_dir)
+    here.mkdir()
+    q = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    (here / "d.json").write_text(json.dumps([{"id": "ok", "video": "clip.mp4", "conversations": q}]))
+    base = ["check-data", str(here / "d.json"), "--model", str(model_dir), "--no-progress", "--json", "-"]
+    assert main(base + ["--video-folder", str(mixed)]) == 0
+    assert main(base + ["--video-folder", str(mixed), "--max-video-tokens", "4"]) == 1  # one frame needs 5
+    assert '"video_too_long"' in capsys.readouterr().out
+    assert main(base) == 1  # clip.mp4 is not beside d.json
+    assert '"video_missing"' in capsys.readouterr().out
+    shutil.copy(mixed / "clip.mp4", here / "clip.mp4")
+    assert main(base + ["--max-frames", "2", "--max-video-tokens", "9"]) == 0  # 2 frames: 4 * 2 + 1 tokens

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -435,6 +435,10 @@ def run_cli(args) -> int:
         targets = targets_from_config(args.config, args.data, **over)
     else:
         targets = targets_from_model(args.model, args.data, trust_remote_code=args.trust_remote_code, **over)
+    given = {"folder": "video_folder", "max_frames": "max_frames", "fps": "fps", "max_video_tokens": "max_video_tokens"}
+    video = {k: getattr(args, a) for k, a in given.items() if getattr(args, a, None) is not None}
+    for t in targets:  # --video-folder / --max-frames / --fps / --max-video-tokens over the stage's data.* keys
+        t.video = replace(t.video, **video)
     report = check(targets, workers=args.workers, examples=args.examples, progress=not args.no_progress,
                    limit=args.limit)
     print(format_summary(report, args.examples))

@@ -204,7 +204,8 @@ def _add_eval(sub, common, trust) -> None:
     e.add_argument("--data", required=True, help="questions with reference answers (LLaVA-format JSON/JSONL or HF)")
     e.add_argument("--image-folder", default="", help="images are relative to this folder ('': the data file's)")
     e.add_argument("--blank-images", action="store_true",
-                   help="also answer with every image replaced by a blank one (how much comes from the text alone)")
+                   help="also answer with every image and video frame replaced by a blank one (how much comes "
+                        "from the text alone; the row is called 'blank images')")
     e.add_argument("--batch-size", type=int, default=64, help="questions answered at once")
     e.add_argument("--max-new-tokens", type=int, default=16, help="longest answer")
     e.add_argument("--limit", type=int, help="answer only the first N questions (of the whole file, however many "
@@ -274,6 +275,13 @@ def _add_check_data(sub, common, trust) -> None:
                    help="accept image paths outside the image folder (absolute, '..', symlinks); default: refused")
     k.add_argument("--trust-remote-code", action="store_true",
                    help="with --model: let the folder's own Python code run (only for a folder you trust)")
+    k.add_argument("--video-folder", help="videos are relative to this folder (default: the stage's "
+                   "data.video_folder, else the image folder)")
+    k.add_argument("--max-frames", type=int, help="frames sampled per video (default: the stage's data.max_frames, "
+                   "else 8)")
+    k.add_argument("--fps", type=float, help="sample at this many frames per second (default: the stage's data.fps)")
+    k.add_argument("--max-video-tokens", type=int, help="per-video token budget: a video over it even at one frame "
+                   "is video_too_long (default: the stage's data.max_video_tokens)")
     k.add_argument("--json", help="write the full report as JSON to this file ('-': stdout)")
     k.add_argument("--examples", type=int, default=5, help="offending samples kept per kind")
     k.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
