@@ -474,3 +474,28 @@ class NoOffsets:
         if kw.get("return_offsets_mapping"):
             raise NotImplementedError("no offsets")
         return self._tok(text, **kw)
+
+
+def test_plain_llama_video_first_gets_no_glue_space_in_training_or_export(llama):
+    """A caption sample starting with `<video>` (video pre-training under `plain`): like `<image>`, a special token
+    takes no prefix space, so no stray `▁` between BOS and it; the exported chat template renders the same text."""
+    import jinja2
+
+    from vlmkit.data.conversation import render
+    from vlmkit.export.common import template_to_jinja
+    from vlmkit.models.llm import add_image_token
+
+    vid = add_image_token(llama, "<video>")
+    conv = [{"from": "human", "value": "<video>\nDescribe the video."}, {"from": "gpt", "value": "a red circle"}]
+    ids, labels = encode(normalize(conv), llama, get_template("plain"), IMG, llama.convert_tokens_to_ids(IMG), [],
+                         False, "<video>")
+    cap = ["a", SP + "red", SP + "circle", "<0x0A>"]
+    assert ids[:2] == [llama.bos_token_id, vid] and tokens(llama, ids[2:], vid) == cap
+    assert trained_runs(llama, ids, labels) == [cap]
+    text, _ = render(normalize(conv), llama, get_template("plain"), False, IMG, "<video>")
+    jinja = template_to_jinja(get_template("plain"), IMG, llama, "<video>")
+    msgs = [{"role": "user", "content": "<video>\nDescribe the video."},
+            {"role": "assistant", "content": "a red circle"}]
+    out = jinja2.Environment().from_string(jinja).render(messages=msgs, bos_token=llama.bos_token,
+                                                          eos_token=llama.eos_token, add_generation_prompt=False)
+    assert text.startswith("<s><video>") and out == text

@@ -312,3 +312,17 @@ def test_lora_on_the_llm_with_video(tok_dir):
     model(**b).backward()
     assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
     assert math.isfinite(float(model(**b).detach()))
+
+
+def test_plain_template_keeps_the_video_placeholder(tok_dir):
+    """Video caption pre-training (`template: plain`, LLaVA's stage 1): the `<video>` of the human turn stays, and
+    expands to the counter's number of placeholders; the caption is trained (it was dropped with the question
+    text: every video caption sample was a video_count_mismatch)."""
+    model = cached(tok_dir)
+    proc = model.processor()
+    out = proc(conv("<video>\nDescribe the video.", "red"), [], "plain", videos=[frames(3)])
+    vid = model.video_token_id
+    n = model.count_image_tokens.count_video_tokens(3)
+    ids = out["input_ids"].tolist()
+    assert ids.count(vid) == n and ids[1:1 + n] == [vid] * n
+    assert (out["labels"] != -100).sum() > 0 and out["frames_per_video"].tolist() == [3]

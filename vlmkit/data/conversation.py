@@ -64,7 +64,7 @@ class Template:
     end: str = "</s>"
     add_bos: bool = True
 
-    def segments(self, messages: list[dict], add_generation_prompt: bool, tokenizer=None):
+    def segments(self, messages: list[dict], add_generation_prompt: bool, tokenizer=None, placeholders=()):
         """Yield (text, trained) pieces of the conversation."""
         system = self.system
         if messages and messages[0]["role"] == "system":
@@ -95,13 +95,14 @@ class PlainTemplate:
     name: str = "plain"
     add_bos: bool = True
 
-    def segments(self, messages, add_generation_prompt, tokenizer=None):
+    def segments(self, messages, add_generation_prompt, tokenizer=None, placeholders=("<image>",)):
+        """`placeholders`: the image token, then the video token when the model takes video; each kept as often
+        as the first human turn has it (images first, then videos), its other text dropped."""
         users = [m for m in messages if m["role"] == "user"]
         answers = [m for m in messages if m["role"] == "assistant"]
         if not users:
             raise SampleError("plain template: no human turn")
-        images = "".join("<image>" for _ in range(users[0]["content"].count("<image>")))
-        yield images, False
+        yield "".join(p * users[0]["content"].count(p) for p in placeholders), False
         if answers:
             yield answers[0]["content"] + "\n", True
 
@@ -121,7 +122,7 @@ class TokenizerTemplate:
     name: str = "tokenizer"
     add_bos: bool = False  # chat templates write their own BOS
 
-    def segments(self, messages, add_generation_prompt, tokenizer=None):
+    def segments(self, messages, add_generation_prompt, tokenizer=None, placeholders=()):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
 
@@ -185,25 +186,27 @@ def bos_glue(tokenizer) -> str:
     return glue
 
 
-def bos_text(tokenizer, body: str, image_token: str = "<image>") -> str:
+def bos_text(tokenizer, body: str, placeholders: tuple[str, ...] = ("<image>",)) -> str:
     """The text in front of a conversation rendered by a template with `add_bos`: the BOS token and its glue
-    (`bos_glue`; none when the conversation starts with the image token, which gets no prefix space either way)."""
+    (`bos_glue`; none when the conversation starts with a placeholder, the image or the video token, which gets no
+    prefix space either way)."""
     if tokenizer.bos_token is None:
         return ""
     glue = bos_glue(tokenizer)
-    if glue and (not body or body.startswith(image_token)):
+    if glue and (not body or body.startswith(tuple(placeholders))):
         glue = ""
     return tokenizer.bos_token + glue
 
 
 def render(messages: list[dict], tokenizer, template, add_generation_prompt: bool = False,
-           image_token: str = "<image>"):
+           image_token: str = "<image>", video_token: str | None = None):
     """(the conversation as one string, the character spans [start, end) of its trained pieces).
 
     The string is what the exported chat template renders for the same messages."""
-    pieces = [(t, trained) for t, trained in template.segments(messages, add_generation_prompt, tokenizer) if t]
+    marks = (image_token,) + ((video_token,) if video_token else ())
+    pieces = [(t, trained) for t, trained in template.segments(messages, add_generation_prompt, tokenizer, marks) if t]
     body = "".join(t for t, _ in pieces)
-    text = bos_text(tokenizer, body, image_token) if template.add_bos else ""
+    text = bos_text(tokenizer, body, marks) if template.add_bos else ""
     spans = []
     for piece, trained in pieces:
         if trained:
@@ -213,7 +216,8 @@ def render(messages: list[dict], tokenizer, template, add_generation_prompt: boo
 
 
 def encode(messages: list[dict], tokenizer, template, image_token: str, image_token_id: int,
-           tokens_per_image: list[int], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+           tokens_per_image: list[int], add_generation_prompt: bool = False,
+           video_token: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation; each `<image>` expands to its placeholder count.
 
     The ids are those of `render(...)`'s string tokenized as one (placeholders aside), the labels those ids
@@ -225,7 +229,7 @@ def encode(messages: list[dict], tokenizer, template, image_token: str, image_to
         # checked first: templates drop a trailing prompt, which would otherwise surface as an
         # image-count mismatch for its <image>
         raise SampleError("no assistant turn to train on", "no_assistant_turn")
-    text, spans = render(messages, tokenizer, template, add_generation_prompt, image_token)
+    text, spans = render(messages, tokenizer, template, add_generation_prompt, image_token, video_token)
     images = [m.start() for m in re.finditer(re.escape(image_token), text)]
     if any(s <= i < e for i in images for s, e in spans):
         raise SampleError("an <image> in an assistant turn", "image_in_assistant_turn")
@@ -238,7 +242,7 @@ def encode(messages: list[dict], tokenizer, template, image_token: str, image_to
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:  # a Python tokenizer: no offsets
         ids, labels = _encode_pieces(messages, tokenizer, template, image_token, image_token_id, tokens_per_image,
-                                     add_generation_prompt)
+                                     add_generation_prompt, video_token)
     else:
         ids, labels = _from_offsets(enc["input_ids"], enc["offset_mapping"], spans, images, len(image_token),
                                     image_token, image_token_id, tokens_per_image)
@@ -277,7 +281,7 @@ def _from_offsets(token_ids, offsets, spans, images, width, image_token, image_t
 
 
 def _encode_pieces(messages, tokenizer, template, image_token, image_token_id, tokens_per_image,
-                   add_generation_prompt):
+                   add_generation_prompt, video_token=None):
     """Each piece tokenized on its own (tokenizers without offsets): the same ids as the rendered string for
     word-level and byte-level tokenizers, not always for sentencepiece-style ones."""
     ids: list[int] = []
@@ -286,7 +290,8 @@ def _encode_pieces(messages, tokenizer, template, image_token, image_token_id, t
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE)
     k = 0
-    for text, trained in template.segments(messages, add_generation_prompt, tokenizer):
+    marks = (image_token,) + ((video_token,) if video_token else ())
+    for text, trained in template.segments(messages, add_generation_prompt, tokenizer, marks):
         for j, part in enumerate(text.split(image_token)):
             if j:
                 ids.extend([image_token_id] * tokens_per_image[k])

@@ -49,7 +49,7 @@ class Processor:
         else:
             counts = [self.count_image_tokens(*im.size, n_images=n) for im in images]
         ids, labels = encode(messages, self.tokenizer, get_template(template or self.template), self.image_token,
-                             self.image_token_id, counts, add_generation_prompt)
+                             self.image_token_id, counts, add_generation_prompt, self.video_token)
         frames = [list(getattr(v, "frames", v)) for v in (videos or [])]
         ids, labels = self.expand_videos(ids, labels, frames)
         if max_length:

@@ -134,10 +134,10 @@ def _content_macro(image_token: str, image_sep: str, video_token: str | None = N
             "{%- endif -%}{%- endmacro -%}")
 
 
-def _with_bos(body: str, template, tokenizer, image_token: str) -> str:
+def _with_bos(body: str, template, tokenizer, image_token: str, video_token: str | None = None) -> str:
     """`body` (Jinja) preceded by the BOS text `encode` puts in front (`conversation.bos_text`): the BOS token and,
     for a sentencepiece-style tokenizer, the space that gives the first word its prefix space as at the start of a
-    string (none when the rendering starts with the image token)."""
+    string (none when the rendering starts with the image or the video token)."""
     from ..data.conversation import bos_glue
 
     if not (template.add_bos and tokenizer is not None and tokenizer.bos_token):
@@ -145,8 +145,9 @@ def _with_bos(body: str, template, tokenizer, image_token: str) -> str:
     glue = bos_glue(tokenizer)
     if not glue:
         return "{{ bos_token }}" + body
+    starts = " or ".join(f"body.startswith({_lit(t)})" for t in (image_token, video_token) if t)
     return ("{%- set body -%}" + body + "{%- endset -%}{{ bos_token }}"
-            "{%- if body and not body.startswith(" + _lit(image_token) + ") -%}{{ " + _lit(glue) + " }}{%- endif -%}"
+            "{%- if body and not (" + starts + ") -%}{{ " + _lit(glue) + " }}{%- endif -%}"
             "{{ body }}")
 
 
@@ -176,17 +177,18 @@ def template_to_jinja(template, image_token: str = "<image>", tokenizer=None, vi
             "{%- elif m['role'] == 'assistant' -%}"
             "{{ " + _lit(t.answer_prefix) + " + render(m['content']) + " + _lit(t.end) + " }}"
             "{%- else -%}{{ raise_exception('a ' + m['role'] + ' turn in the middle of the conversation') }}"
-            "{%- endif -%}{%- endfor -%}", t, tokenizer, image_token)
+            "{%- endif -%}{%- endfor -%}", t, tokenizer, image_token, video_token)
     if isinstance(template, PlainTemplate):
-        # image placeholders of the first user turn, then the first answer and a newline
+        # the image placeholders of the first user turn, then its video ones, then the first answer and a newline
         return _content_macro(image_token, "", video_token) + _with_bos(
             "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
             "{%- set answers = messages | selectattr('role', 'equalto', 'assistant') | list -%}"
             "{%- if users -%}{%- set c = users[0]['content'] -%}"
-            "{%- if c is string -%}{{ " + _lit(image_token) + " * (c.split(" + _lit(image_token) + ") | length - 1) }}"
-            "{%- else -%}{{ render(c | selectattr('type', 'equalto', 'image') | list) }}{%- endif -%}{%- endif -%}"
+            "{%- if c is string -%}" + "".join("{{ " + _lit(t) + " * (c.split(" + _lit(t) + ") | length - 1) }}"
+                                               for t in (image_token, video_token) if t) +
+            "{%- else -%}{{ render(c | rejectattr('type', 'equalto', 'text') | list) }}{%- endif -%}{%- endif -%}"
             "{%- if answers -%}{{ render(answers[0]['content']) + '\\n' }}{%- endif -%}", template, tokenizer,
-            image_token)
+            image_token, video_token)
     raise ValueError(f"template {getattr(template, 'name', template)!r} has no Jinja equivalent")
 
 
