@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def mp_data(tmp_path_factory):
         recs.append(rec)
     (d / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     (d / "d.json").write_text(json.dumps(recs))
+    # 14 records: the last round (s12, s13) is rank 0's only; rank 1 starts its next pass there
+    odd = recs + [dict(recs[1], id="s12"), dict(recs[2], id="s13")]
+    (d / "odd.jsonl").write_text("\n".join(json.dumps(r) for r in odd) + "\n")
     return d, recs
 
 
@@ -147,7 +151,9 @@ def runs(mp_data, encoder_dirs, llm_dir, tmp_path_factory):
     cfgs = {"stream": write_config(root / "stream", encoder_dirs["clip"], llm_dir,
                                    {"path": str(d / "d.jsonl"), "streaming": True, "num_workers": 0}),
             "grouped": write_config(root / "grouped", encoder_dirs["clip"], llm_dir,
-                                    {"path": str(d / "d.json"), "group_by_modality_length": True, "num_workers": 0})}
+                                    {"path": str(d / "d.json"), "group_by_modality_length": True, "num_workers": 0}),
+            "stream_odd": write_config(root / "stream_odd", encoder_dirs["clip"], llm_dir,
+                                       {"path": str(d / "odd.jsonl"), "streaming": True, "num_workers": 0})}
     procs = {k: start(c) for k, c in cfgs.items()}
     return {k: (Path(cfgs[k]).parent / "out", finish(p), p.returncode) for k, p in procs.items()}
 
@@ -164,6 +170,23 @@ def test_streaming_on_two_processes_trains_each_sample_once_per_pass(runs, mp_da
     order = [r["id"] for r in recs]
     stream = order * 4
     assert rounds(ids) == [stream[4 * k:4 * k + 4] for k in range(STEPS * ACCUM)]
+    check_weights_in_sync(out)
+
+
+def test_a_stream_whose_last_round_is_partial_keeps_each_process_on_its_own_share(runs):
+    """14 records in rounds of 4: the last round (s12, s13) is rank 0's alone, so rank 1 starts its next pass one
+    micro-batch earlier (no process waits for another: no hang). Each process still reads exactly its own share of
+    every pass, so no record is trained by both processes and a pass trains each record once."""
+    out, text, rc = runs["stream_odd"]
+    assert rc == 0, text[-4000:]
+    log, ids = trace(out)
+    assert [s for s, _ in log] == list(range(1, STEPS + 1))
+    share = [["s0", "s1", "s4", "s5", "s8", "s9", "s12", "s13"], ["s2", "s3", "s6", "s7", "s10", "s11"]]
+    for rank in (0, 1):
+        got = [i for step in ids for i in step[rank]]
+        assert len(got) == STEPS * ACCUM * MICRO
+        assert got == (share[rank] * 4)[:len(got)], rank
+    assert sorted(share[0] + share[1]) == sorted(f"s{i}" for i in range(14))
     check_weights_in_sync(out)
 
 
@@ -223,7 +246,8 @@ def test_two_processes_stopped_by_sigterm_resume_like_an_uninterrupted_run(runs,
     out = tmp_path / kind / "out"
     text = stop_at(start(cfg), out / "log.jsonl", 1)
     stopped = records(out / "log.jsonl")[-1]["step"]
-    assert 1 <= stopped < STEPS and "stopped by SIGTERM" in text, text[-3000:]
+    # the signal reaches both ranks during step 1 or 2: both stop after the same step, with its checkpoint
+    assert 1 <= stopped < STEPS and f"stopped by SIGTERM after step {stopped}" in text, text[-3000:]
     assert (out / "checkpoints" / "s" / f"checkpoint-{stopped}").is_dir()
     again = start(cfg)
     text = finish(again)
@@ -235,3 +259,42 @@ def test_two_processes_stopped_by_sigterm_resume_like_an_uninterrupted_run(runs,
     # gloo's all-reduce of the same gradients in the same order: the same bits, or a last-bit difference
     assert [loss for _, loss in log] == pytest.approx([loss for _, loss in ref_log], rel=1e-6, abs=1e-7)
     check_weights_in_sync(out)
+
+
+# ---- the data-loader worker under a process-group SIGTERM (what the num_workers 1 run above met) ----------------
+WORKER_PROG = """
+import os, signal, subprocess, sys, time
+from torch.utils.data import DataLoader, IterableDataset
+from vlmkit.training import preempt
+
+class Slow(IterableDataset):
+    def __iter__(self):
+        for i in range(100):
+            time.sleep(0.01)
+            yield i
+
+with preempt.handlers():
+    init = {"worker_init_fn": preempt.worker_init} if sys.argv[1] == "1" else {}
+    it = iter(DataLoader(Slow(), batch_size=None, num_workers=1, **init))
+    got = [next(it)]
+    group = os.getpgid(0)  # SIGTERM to the whole group, sent from outside it (as the elastic agent does)
+    subprocess.run([sys.executable, "-c", f"import os, signal; os.killpg({group}, signal.SIGTERM)"],
+                   start_new_session=True, check=True)
+    time.sleep(0.5)
+    got += [next(it), next(it)]
+    print("REQUESTED", preempt.requested(), "GOT", got, flush=True)
+"""
+
+
+@pytest.mark.parametrize("with_init", [True, False])
+def test_a_loader_worker_survives_a_process_group_sigterm(tmp_path, with_init):
+    """torch's worker dies on a SIGTERM not sent by its parent; preempt.worker_init keeps it serving, so the main
+    process reaches its step boundary (and its loader still ends the worker: the program exits)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", WORKER_PROG, str(int(with_init))], env=env, capture_output=True,
+                       text=True, timeout=60, start_new_session=True)
+    if with_init:
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "REQUESTED 15 GOT [0, 1, 2]" in p.stdout
+    else:  # torch's own handler: the batch after the signal fails
+        assert p.returncode == 1 and "DataLoader worker" in p.stderr and "Terminated" in p.stderr, p.stderr[-2000:]

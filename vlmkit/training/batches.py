@@ -16,6 +16,7 @@ from ..data.dataset import ConversationDataset, VideoOptions
 from ..data.processor import collate
 from ..data.sampler import ModalityLengthBatchSampler
 from ..data.streaming import StreamingConversations
+from . import preempt
 from .flops import FlopCounter
 
 
@@ -108,10 +109,13 @@ def make_loader(dataset, data: DataConfig, batch_size: int, pad_id: int, rank: i
     `data.streaming` and `data.group_by_modality_length` make a loader of process `rank`'s batches only
     (`loader.shards_itself`: not for accelerate's sharding)."""
     collate_fn = partial(collate, pad_id=pad_id, pack=data.pack, max_tokens=data.pack_max_tokens)
-    workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0)
+    # worker_init: a worker survives the SIGTERM a launcher sends the whole process group (see preempt.worker_init)
+    workers = dict(num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
+                   worker_init_fn=preempt.worker_init)
     if isinstance(dataset, StreamingConversations):
         dataset.collate, dataset.batch_size, dataset.rank, dataset.world = collate_fn, batch_size, rank, world
-        loader = DataLoader(dataset, batch_size=None, num_workers=data.num_workers)  # new workers per seek
+        loader = DataLoader(dataset, batch_size=None, num_workers=data.num_workers,  # new workers per seek
+                            worker_init_fn=preempt.worker_init)
     elif data.group_by_modality_length:
         sampler = ModalityLengthBatchSampler(dataset.modality_lengths(), batch_size, world, rank,
                                              seed=torch.initial_seed())  # the run's seed, as accelerate's sampler

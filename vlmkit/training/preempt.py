@@ -44,6 +44,32 @@ def _handler(signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def worker_init(worker_id: int) -> None:
+    """A data-loader worker's `worker_init_fn`: the worker goes on serving batches through a SIGTERM sent to its
+    whole process group, and still ends when its own loader ends it.
+
+    A worker is forked with the handler above, but torch's worker start-up then installs its own C-level SIGTERM
+    handler, which ends the worker at once unless the signal came from its parent. A SIGTERM sent to a whole
+    process group reaches the workers too: torch's elastic agent (accelerate launch / torchrun) passes a SIGTERM on
+    to each rank's process group, and so do schedulers that signal every process of a job. The dead worker then
+    failed the rank's next batch (RuntimeError "DataLoader worker ... is killed by signal: Terminated") before the
+    step boundary, so no checkpoint was saved. Here SIGTERM is blocked in the worker and taken by a thread that
+    keeps torch's one exception: from the parent (the loader's shutdown, multiprocessing's terminate) it ends the
+    worker; from anyone else it is ignored, and the main process stops at the step boundary."""
+    if signal.getsignal(signal.SIGTERM) is not _handler:  # no entry point asked for a graceful stop
+        return
+    import os
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=watch, name="vlmkit-sigterm", daemon=True).start()
+
+
 def _in_worker() -> bool:
     from torch.utils.data import get_worker_info
 
