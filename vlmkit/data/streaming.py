@@ -7,7 +7,10 @@ sample another trains on. Data-loader workers take whole rounds in turn (round k
 which the loader hands out in round order. Every round is one micro-batch per process, so a process's position
 in the stream is the number of micro-batches it consumed: a resumed run `seek`s there and skips those rounds
 without building their samples (JSONL lines are not parsed, HF streams skip before decoding). When the stream
-ends, the next pass starts it again in the same order (an "epoch"); the stage length is `max_steps`.
+ends, the next pass starts it again in the same order (an "epoch"); the stage length is `max_steps`. A last
+round too short to reach process `rank` ends that process's pass a micro-batch early: it starts the next pass
+while the processes before it finish theirs, and each process keeps reading exactly its own share of every pass
+(no sample is trained by two processes; tests/test_streaming_multiprocess.py runs it on 2 processes).
 """
 from __future__ import annotations
 
