@@ -58,6 +58,8 @@ def worker_init(worker_id: int) -> None:
     worker; from anyone else it is ignored, and the main process stops at the step boundary."""
     if signal.getsignal(signal.SIGTERM) is not _handler:  # no entry point asked for a graceful stop
         return
+    if not hasattr(signal, "sigwaitinfo"):  # macOS / Windows: torch's own handling stays
+        return
     import os
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
