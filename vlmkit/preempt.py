@@ -2,4 +2,4 @@
 
 This module only re-exports that module's public names; import them from `vlmkit.training.preempt`.
 """
-from .training.preempt import SIGNALS, Preempted, handlers, request, requested  # noqa: F401
+from .training.preempt import SIGNALS, Preempted, handlers, request, requested, worker_init  # noqa: F401
