@@ -16,16 +16,16 @@ CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 # llava_next / internvl: tiling_demo's 2000 images; README: stage 2 at ~47 samples/s with the CPU shared by both
 #   demos (16 per step: 0.34 s/step); stage 1 taken at the same per-sample rate (32 per step: 0.68 s/step).
 # llava_video: recipes/llava_video.py's 2000 clips; log.jsonl of the full demo run (README's Video demo):
-#   finetune 1000 steps in 199 s (0.20 s/step; load average 2.0-2.7, mostly the run itself).
+#   finetune 1125 steps in 242 s (0.215 s/step; load average ~2.0, the run itself).
 DEMOS = {
     "llava15_demo": {"pretrain": (12000, 0.041), "finetune": (12000, 0.078)},
     "llava_next_demo": {"pretrain": (2000, 0.68), "finetune": (2000, 0.34)},
     "internvl_demo": {"pretrain": (2000, 0.68), "finetune": (2000, 0.34)},
-    "llava_video_demo": {"finetune": (2000, 0.20)},
+    "llava_video_demo": {"finetune": (2000, 0.215)},
 }
 STEPS = {"llava15_demo": {"pretrain": 188, "finetune": 3000},
          "llava_next_demo": {"pretrain": 63, "finetune": 625}, "internvl_demo": {"pretrain": 63, "finetune": 625},
-         "llava_video_demo": {"finetune": 1000}}
+         "llava_video_demo": {"finetune": 1125}}
 MAX_LOST_SECONDS = 60.0
 
 
