@@ -259,12 +259,17 @@ def write_llava(model, src, out_dir, template=None) -> Path:
 
 
 def _write_llava_family(model, src, out_dir, template, cls, cfg, processor, notes=(), title="") -> Path:
-    """Llava and LlavaNext share the weights layout: the converted state, the native model, the processor
-    files and the model card, written together."""
+    """Llava and LlavaNext: `write_llava_family` with the processor object saved as it is."""
+    return write_llava_family(model, src, out_dir, template, cls, cfg, _save_processor(processor), notes, title)
+
+
+def write_llava_family(model, src, out_dir, template, cls, cfg, save_processor, notes=(), title="") -> Path:
+    """Llava, LlavaNext, LlavaNextVideo and LlavaOnevision share the weights layout: the converted state, the
+    native model `cls(cfg)`, the processor files (`save_processor(folder)`) and the model card, written together."""
     state = to_llava_state(model)
     state.update(_baked_vision_config_and_state(model)[1])
     hf = build_native(cls, cfg, state, model.tokenizer, model.llm.generation_config)
-    return write_export(out_dir, hf, _save_processor(processor),
+    return write_export(out_dir, hf, save_processor,
                         model_card(model, cfg, template or model.config.template, src, notes=notes, title=title))
 
 

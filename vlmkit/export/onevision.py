@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import build_native, model_card, prepare, to_llava_state, write_export
+from .common import prepare
 from .llava import _baked_vision_config_and_state, _processor, _strategy, check_anyres_llava_parts, \
-    llava_next_config, llava_next_image_processor
+    llava_next_config, llava_next_image_processor, write_llava_family
 from .video import check_video_common, processor_writer, video_processor_dict
 
 NATIVE_CLASSES = {"llava_onevision": "LlavaOnevisionForConditionalGeneration"}
@@ -120,10 +120,6 @@ def write_llava_onevision(model, src, out_dir, template=None) -> Path:
 
     check_llava_onevision_exportable(model)
     cfg = llava_onevision_config(model)
-    state = to_llava_state(model)
-    state.update(_baked_vision_config_and_state(model)[1])
-    hf = build_native(LlavaOnevisionForConditionalGeneration, cfg, state, model.tokenizer,
-                      model.llm.generation_config)
     counter, t = model.count_image_tokens, model.tiling
     rows, cols = counter.frame_grid()
     notes = [f"- AnyRes images (LLaVA-OneVision): canvases {[list(p) for p in t.pinpoints]}, unpad, "
@@ -135,5 +131,5 @@ def write_llava_onevision(model, src, out_dir, template=None) -> Path:
              "+ newline per image, where vlmkit tiles each image; pass one image per sample (or a flat list) to "
              "match vlmkit",
              "- the video processor (LlavaOnevisionVideoProcessor) needs torchvision to load"]
-    card = model_card(model, cfg, template or model.config.template, src, notes=notes, title="LLaVA-OneVision-style")
-    return write_export(out_dir, hf, save_onevision_processor(model, template), card)
+    return write_llava_family(model, src, out_dir, template, LlavaOnevisionForConditionalGeneration, cfg,
+                              save_onevision_processor(model, template), notes, title="LLaVA-OneVision-style")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import build_native, model_card, prepare, to_llava_state, write_export
+from .common import prepare
 from .llava import _baked_vision_config_and_state, _processor, check_llava_next_exportable, llava_next_config, \
-    llava_next_image_processor
+    llava_next_image_processor, write_llava_family
 
 NATIVE_CLASSES = {"llava_next_video": "LlavaNextVideoForConditionalGeneration"}
 
@@ -126,10 +126,6 @@ def write_llava_next_video(model, src, out_dir, template=None) -> Path:
 
     check_llava_next_video_exportable(model)
     cfg = llava_next_video_config(model)
-    state = to_llava_state(model)
-    state.update(_baked_vision_config_and_state(model)[1])
-    hf = build_native(LlavaNextVideoForConditionalGeneration, cfg, state, model.tokenizer,
-                      model.llm.generation_config)
     v = model.config.video
     notes = [f"- AnyRes images (LLaVA-NeXT): canvases {[list(p) for p in model.tiling.pinpoints]}, unpad, "
              "`image_newline` after each feature row",
@@ -137,6 +133,6 @@ def write_llava_next_video(model, src, out_dir, template=None) -> Path:
              f"{v.pool_stride} over the patch grid before the projector, no newline; "
              f"{model.count_image_tokens.count_video_tokens(1)} tokens per frame",
              "- the video processor (LlavaNextVideoVideoProcessor) needs torchvision to load"]
-    card = model_card(model, cfg, template or model.config.template, src, notes=notes, title="LLaVA-NeXT-Video-style")
-    return write_export(out_dir, hf, save_video_processor(model, template, "LlavaNextVideoProcessor",
-                                                         "LlavaNextVideoVideoProcessor"), card)
+    saver = save_video_processor(model, template, "LlavaNextVideoProcessor", "LlavaNextVideoVideoProcessor")
+    return write_llava_family(model, src, out_dir, template, LlavaNextVideoForConditionalGeneration, cfg, saver,
+                              notes, title="LLaVA-NeXT-Video-style")
