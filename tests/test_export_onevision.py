@@ -9,8 +9,6 @@ the video processor left out (its counts come from processor_config.json); the t
 the exported processor runs where torchvision is installed."""
 import importlib.util
 import json
-import subprocess
-import sys
 from contextlib import contextmanager
 from unittest import mock
 
@@ -18,10 +16,10 @@ import pytest
 import torch
 
 from conftest import build_for_export, model_config
-from test_export_video import SERVE, clip, image
+from test_export_video import check_generates_without_vlmkit, clip, image
 from vlmkit.config import ConnectorConfig, TilingConfig, VideoConfig
 from vlmkit.data import collate
-from vlmkit.data.conversation import get_template, normalize, render
+from vlmkit.data.conversation import normalize
 from vlmkit.export import export_model, export_target
 from vlmkit.tiling import anyres_feature_grid
 
@@ -197,20 +195,7 @@ def test_export_generates_without_vlmkit(exported, tmp_path):
     model, out = exported
     question = "What color is the shape?"
     p, kw = hf_inputs(model, out, "<video>\n" + question, [], [clip(2, seed=5)])
-    torch.save(kw, tmp_path / "inputs.pt")
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"out": str(out), "question": question, "inputs": str(tmp_path / "inputs.pt")}))
-    res = subprocess.run([sys.executable, "-I", "-c", SERVE, str(job)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["class"] == "LlavaOnevisionProcessor" and not got["vlmkit_loaded"]
-    messages = normalize([{"from": "human", "value": "<video>\n" + question}])
-    want, _ = render(messages, model.tokenizer, get_template(model.config.template), add_generation_prompt=True)
-    assert got["text"] == want
-    with torch.no_grad():
-        mine = model.generate(p["input_ids"][None], None, None, max_new_tokens=5,
-                              pixel_values_videos=p["pixel_values_videos"], frames_per_video=p["frames_per_video"])
-    assert got["new"] == mine[0].tolist()
+    check_generates_without_vlmkit(model, out, p, kw, question, tmp_path, "LlavaOnevisionProcessor")
 
 
 @pytest.mark.parametrize("change,msg", [

@@ -145,17 +145,17 @@ SERVE = textwrap.dedent("""
 """)
 
 
-def test_export_generates_without_vlmkit(exported, tmp_path):
-    model, out = exported
-    question = "What color is the shape?"
-    p, kw = hf_inputs(model, "<video>\n" + question, [], [clip(2, seed=5)])
+def check_generates_without_vlmkit(model, out, p, kw, question, tmp_path, processor_class):
+    """The exported folder in a `python -I` process where vlmkit cannot be imported (SERVE): its processor class,
+    its chat template's text equal to vlmkit's rendering, and greedy generation on vlmkit's inputs `kw` equal to
+    vlmkit's own tokens (from its processor output `p`)."""
     torch.save(kw, tmp_path / "inputs.pt")
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"out": str(out), "question": question, "inputs": str(tmp_path / "inputs.pt")}))
     res = subprocess.run([sys.executable, "-I", "-c", SERVE, str(job)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["class"] == "LlavaNextVideoProcessor" and not got["vlmkit_loaded"]
+    assert got["class"] == processor_class and not got["vlmkit_loaded"]
     messages = normalize([{"from": "human", "value": "<video>\n" + question}])
     want, _ = render(messages, model.tokenizer, get_template(model.config.template), add_generation_prompt=True)
     assert got["text"] == want
@@ -163,6 +163,13 @@ def test_export_generates_without_vlmkit(exported, tmp_path):
         mine = model.generate(p["input_ids"][None], None, None, max_new_tokens=5,
                               pixel_values_videos=p["pixel_values_videos"], frames_per_video=p["frames_per_video"])
     assert got["new"] == mine[0].tolist()
+
+
+def test_export_generates_without_vlmkit(exported, tmp_path):
+    model, out = exported
+    question = "What color is the shape?"
+    p, kw = hf_inputs(model, "<video>\n" + question, [], [clip(2, seed=5)])
+    check_generates_without_vlmkit(model, out, p, kw, question, tmp_path, "LlavaNextVideoProcessor")
 
 
 @pytest.mark.parametrize("change,msg", [
